@@ -1,0 +1,45 @@
+"""The repository keeps its promises: layout, pinned requirements, README == CI command."""
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_top_level_layout():
+    for name in ("notebooks", "fer_lib", "tests", "requirements.txt", "README.md",
+                 ".gitattributes", "pyproject.toml", ".ci/run", ".gitignore"):
+        assert (ROOT / name).exists(), f"missing top-level {name}"
+
+
+def test_requirements_are_pinned_and_install_the_library():
+    lines = [l.strip() for l in (ROOT / "requirements.txt").read_text().splitlines()]
+    reqs = [l for l in lines if l and not l.startswith("#")]
+    assert "-e ." in reqs
+    unpinned = [r for r in reqs if r != "-e ." and not re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[\w.+]+", r)]
+    assert not unpinned, f"unpinned requirements: {unpinned}"
+    names = {r.split("==")[0].lower() for r in reqs if "==" in r}
+    for needed in ("torch", "torchvision", "jupyterlab", "nbconvert", "papermill", "wandb",
+                   "pandas", "numpy", "matplotlib", "scikit-learn", "pytest", "nbstripout",
+                   "tqdm", "ipykernel"):
+        assert needed in names, f"{needed} is not pinned in requirements.txt"
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    ci_lines = (ROOT / ".ci/run").read_text().splitlines()
+    test_cmd = ci_lines[-1].strip()
+    assert "pytest" in test_cmd
+    readme = (ROOT / "README.md").read_text()
+    assert test_cmd in readme.splitlines(), "the README's test command and .ci/run differ"
+
+
+def test_gitattributes_strips_notebooks():
+    assert "*.ipynb filter=nbstripout" in (ROOT / ".gitattributes").read_text()
+
+
+def test_importing_fer_lib_does_no_heavy_work():
+    import subprocess
+    import sys
+
+    code = "import sys, fer_lib; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
