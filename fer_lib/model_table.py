@@ -1,0 +1,87 @@
+"""Size and compute of every model in the zoo: `python -m fer_lib.model_table`.
+
+Prints a markdown table name | source report | parameters | MFLOPs per image and returns it as a
+DataFrame from `model_table()`.
+
+Compute is counted, not estimated: forward hooks on every Conv2d and Linear record their
+multiply-accumulates (MACs) for one 48x48 image, and MFLOPs = 2 * MACs / 1e6 (one multiply
+plus one add per MAC). BatchNorm, activations, pooling and residual additions are not counted:
+they are a few percent of the conv/linear work and cost memory bandwidth rather than FLOPs.
+"""
+from __future__ import annotations
+
+import pandas as pd
+import torch
+from torch import nn
+
+from fer_lib.models import create_model, list_models, model_info
+
+
+def count_macs(model: nn.Module, input_size: int = 48, in_chans: int = 1) -> int:
+    """Multiply-accumulates of the Conv2d and Linear layers for one (in_chans, size, size) image."""
+    total = 0
+
+    def conv_hook(module: nn.Conv2d, inputs: tuple[torch.Tensor, ...],
+                  output: torch.Tensor) -> None:
+        nonlocal total
+        kernel_h, kernel_w = module.kernel_size
+        per_output = (module.in_channels // module.groups) * kernel_h * kernel_w
+        total += output.numel() // output.shape[0] * per_output
+
+    def linear_hook(module: nn.Linear, inputs: tuple[torch.Tensor, ...],
+                    output: torch.Tensor) -> None:
+        nonlocal total
+        total += output.numel() // output.shape[0] * module.in_features
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            handles.append(module.register_forward_hook(conv_hook))
+        elif isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(linear_hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, input_size, input_size))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return total
+
+
+def model_table(names: list[str] | None = None) -> pd.DataFrame:
+    """One row per model (default: all registered): name, source, params, mflops (per 48x48 image).
+
+    params = sum(p.numel()) over all parameters (all are trainable); mflops = 2 * MACs / 1e6.
+    """
+    rows = []
+    for name in names if names is not None else list_models():
+        model = create_model(name)
+        rows.append({
+            "name": name,
+            "source": model_info(name)["source"],
+            "params": sum(p.numel() for p in model.parameters()),
+            "mflops": 2 * count_macs(model) / 1e6,
+        })
+    return pd.DataFrame(rows, columns=["name", "source", "params", "mflops"])
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """The table as GitHub markdown (written here: pandas' to_markdown needs `tabulate`)."""
+    header = "| name | source report | parameters | MFLOPs per image (48x48) |"
+    lines = [header, "|---|---|---:|---:|"]
+    for row in table.itertuples(index=False):
+        lines.append(f"| {row.name} | {row.source} | {row.params:,} | {row.mflops:,.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    print(to_markdown(model_table()))
+    print("\nMFLOPs = 2 x multiply-accumulates of Conv2d/Linear layers, one 1x48x48 image.")
+
+
+if __name__ == "__main__":
+    main()

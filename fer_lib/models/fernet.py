@@ -1,0 +1,129 @@
+"""fernet: our network, designed for time-to-accuracy on 48x48 FER2013.
+
+Target: a few CPU cores with bf16 autocast + channels_last, and GPUs. The layout follows the
+fast CIFAR-10 trainers (airbench, notes/anchors.md): few, wide 3x3 convs; pooling inside each
+stage right after its first conv, so the second conv and the BN/GELU run on the quarter-size
+map; no large FC layer (global max pool -> one bias-free linear), which keeps parameters low
+and the compute in convolutions, where channels_last/bf16 kernels are fast.
+
+Every op here (conv, max pool, BN, GELU, amax/mean, linear) has a channels_last and a bf16
+autocast path; nothing uses .view or in-place ops on views.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fer_lib.models.registry import register_model
+
+SOURCE = "ours (fer_lib)"
+
+
+def _conv(in_channels: int, out_channels: int) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+
+
+class FerStage(nn.Module):
+    """conv3x3 -> maxpool2 -> BN -> GELU -> [conv3x3 -> BN -> GELU] x (convs - 1)."""
+
+    def __init__(self, in_channels: int, out_channels: int, convs: int = 2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [_conv(in_channels, out_channels), nn.MaxPool2d(2),
+                                   nn.BatchNorm2d(out_channels), nn.GELU()]
+        for _ in range(convs - 1):
+            layers += [_conv(out_channels, out_channels), nn.BatchNorm2d(out_channels), nn.GELU()]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class FerNet(nn.Module):
+    """Stem conv, three pooled stages (48->24->12->6), global pool, scaled bias-free linear."""
+
+    def __init__(self, in_chans: int, num_classes: int, widths: tuple[int, ...],
+                 stem_width: int, convs_per_stage: int, pool: str, dropout_rate: float,
+                 logit_scale: float) -> None:
+        super().__init__()
+        if pool not in ("max", "avgmax"):
+            raise ValueError(f"fernet: pool must be 'max' or 'avgmax', got {pool!r}")
+        if convs_per_stage < 1:
+            raise ValueError(f"fernet: convs_per_stage must be >= 1, got {convs_per_stage}")
+        self.stem = nn.Sequential(_conv(in_chans, stem_width), nn.BatchNorm2d(stem_width),
+                                  nn.GELU())
+        stages = []
+        channels = stem_width
+        for width in widths:
+            stages.append(FerStage(channels, width, convs_per_stage))
+            channels = width
+        self.stages = nn.Sequential(*stages)
+        self.pool = pool
+        self.dropout = nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity()
+        self.head = nn.Linear(channels, num_classes, bias=False)
+        # A fixed temperature below 1 starts training from near-uniform predictions and
+        # slows the head relative to the convs (airbench multiplies its logits by 1/9).
+        self.logit_scale = logit_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        pooled = torch.amax(x, dim=(2, 3))
+        if self.pool == "avgmax":
+            pooled = pooled + x.mean(dim=(2, 3))
+        return self.head(self.dropout(pooled)) * self.logit_scale
+
+
+def _fernet(num_classes: int, in_chans: int, widths: tuple[int, ...], stem_width: int | None,
+            convs_per_stage: int, pool: str, dropout_rate: float,
+            logit_scale: float) -> nn.Module:
+    widths = tuple(widths)
+    if len(widths) < 1:
+        raise ValueError("fernet: widths needs at least one stage width")
+    stem = stem_width if stem_width is not None else max(widths[0] // 2, 8)
+    return FerNet(in_chans, num_classes, widths, stem, convs_per_stage, pool, dropout_rate,
+                  logit_scale)
+
+
+@register_model("fernet", source=SOURCE)
+def fernet(num_classes: int = 7, in_chans: int = 1, *,
+           widths: tuple[int, ...] = (64, 128, 256), stem_width: int | None = None,
+           convs_per_stage: int = 2, pool: str = "max", dropout_rate: float = 0.0,
+           logit_scale: float = 1 / 9) -> nn.Module:
+    """Our fast FER net: stem + 3 pooled stages 64-128-256, global max pool, linear (~1.2M).
+
+    Not from a report: designed for time-to-accuracy on 48x48 (airbench-like layout).
+    stem conv3x3 (in -> stem_width, default widths[0]//2 = 32) -> BN -> GELU; per stage
+    conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU (48->24->12->6); global max
+    pool ("avgmax" adds the mean); dropout; Linear(no bias) * logit_scale.
+    Convs have no bias (BN follows). With 3 stages the map entering the pool is 6x6.
+    kwargs: widths=(64,128,256), stem_width=None, convs_per_stage=2, pool="max"|"avgmax",
+    dropout_rate=0.0, logit_scale=1/9.
+    """
+    return _fernet(num_classes, in_chans, widths, stem_width, convs_per_stage, pool,
+                   dropout_rate, logit_scale)
+
+
+@register_model("fernet_small", source=SOURCE)
+def fernet_small(num_classes: int = 7, in_chans: int = 1, *,
+                 widths: tuple[int, ...] = (32, 64, 128), stem_width: int | None = None,
+                 convs_per_stage: int = 2, pool: str = "max", dropout_rate: float = 0.0,
+                 logit_scale: float = 1 / 9) -> nn.Module:
+    """fernet at half width (32-64-128, stem 16, ~0.3M): the fastest recipe, ~4x fewer FLOPs.
+
+    Not from a report. Same layout and kwargs as `fernet`.
+    """
+    return _fernet(num_classes, in_chans, widths, stem_width, convs_per_stage, pool,
+                   dropout_rate, logit_scale)
+
+
+@register_model("fernet_large", source=SOURCE)
+def fernet_large(num_classes: int = 7, in_chans: int = 1, *,
+                 widths: tuple[int, ...] = (96, 192, 384), stem_width: int | None = None,
+                 convs_per_stage: int = 2, pool: str = "max", dropout_rate: float = 0.0,
+                 logit_scale: float = 1 / 9) -> nn.Module:
+    """fernet at 1.5x width (96-192-384, stem 48, ~2.6M): trades speed for accuracy.
+
+    Not from a report. Same layout and kwargs as `fernet`; convs_per_stage=3 deepens it
+    further instead of widening.
+    """
+    return _fernet(num_classes, in_chans, widths, stem_width, convs_per_stage, pool,
+                   dropout_rate, logit_scale)
