@@ -1,0 +1,275 @@
+"""Throughput bench: seed-style PIL pipeline vs this engine vs the bare model step.
+
+    python -m fer_lib.bench [--model exp3_cnn] [--seconds 20] [--batch-size 64] [--json]
+
+Three ways to train the same model (same initial weights, Adam lr 1e-3, flip + rotation 10)
+measured side by side in one process, in training images per second:
+
+(a) seed   the notebooks' original pipeline: a Dataset applying torchvision PIL transforms
+           per image (ToPILImage, RandomHorizontalFlip, RandomRotation(10), ToTensor,
+           Normalize) in a DataLoader with 2 workers, fp32, loss.item() every step;
+(b) engine fer_lib.training's own train step (`_Engine.train_epoch`, what `fit` runs):
+           device-resident uint8 split, batched per-sample augmentation, autocast and
+           channels_last as `resolve_device` decides;
+(c) bare   the model's forward + backward + optimizer step on one pre-made batch with the
+           same precision settings as (b): the ceiling for (b).
+
+Uses the real FER2013 training split when `fer_lib.data.load_fer2013` finds it, else
+generated images. The last line printed is one JSON object (for scripts and the lead's
+re-measurements on a quiet machine).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["run_bench", "main"]
+
+
+class _SeedStyleDataset(torch.utils.data.Dataset):
+    """Per-image PIL transforms, as the reports' FERDataset + transforms.Compose did."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: float, std: float):
+        from torchvision import transforms as T
+
+        self.images, self.labels = images, labels
+        self.transform = T.Compose([
+            T.ToPILImage(),
+            T.RandomHorizontalFlip(),
+            T.RandomRotation(10),
+            T.ToTensor(),
+            T.Normalize((mean,), (std,)),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.transform(self.images[index]), int(self.labels[index])
+
+
+def _load_images(n_images: int | None, data: str, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+    if data in ("auto", "fer2013"):
+        try:
+            from fer_lib.data import load_fer2013
+
+            train = load_fer2013().train
+            images, labels = np.asarray(train.images), np.asarray(train.labels)
+            if n_images is not None:
+                images, labels = images[:n_images], labels[:n_images]
+            return images, labels, "fer2013"
+        except Exception as err:  # no file, no fer_lib.data yet: fall back to generated images
+            if data == "fer2013":
+                raise
+            print(f"(real data not used: {type(err).__name__}: {err}; using generated images)", file=sys.stderr)
+    n = n_images or 4096
+    try:
+        from fer_lib.synthetic import make_images
+
+        images, labels = make_images(n, seed=seed)
+    except ImportError:
+        rng = np.random.default_rng(seed)
+        images = rng.integers(0, 256, (n, 48, 48), dtype=np.uint8)
+        labels = rng.integers(0, 7, n)
+    return images, labels, "synthetic"
+
+
+class _Meter:
+    """Images and seconds of one path, accumulated over interleaved rounds."""
+
+    def __init__(self, step_fn, warmup_steps: int):
+        self.step_fn, self.warmup_steps = step_fn, warmup_steps
+        self.images, self.seconds = 0, 0.0
+
+    def run(self, seconds: float) -> None:
+        for _ in range(self.warmup_steps):  # first round only: allocator, worker start-up
+            self.step_fn()
+        self.warmup_steps = 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            self.images += self.step_fn()
+        self.seconds += time.perf_counter() - start
+
+    @property
+    def img_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def _seed_style_step(model, images, labels, batch_size, workers, mean, std):
+    dataset = _SeedStyleDataset(images, labels, mean, std)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                         drop_last=True, persistent_workers=workers > 0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    criterion = nn.CrossEntropyLoss()
+    model.train()
+    state = {"batches": iter(loader), "running": 0.0}
+
+    def step() -> int:
+        try:
+            x, y = next(state["batches"])
+        except StopIteration:
+            state["batches"] = iter(loader)
+            x, y = next(state["batches"])
+        optimizer.zero_grad()
+        loss = criterion(model(x), y)
+        loss.backward()
+        optimizer.step()
+        state["running"] += loss.item()  # as the seed notebooks did, every step
+        return x.shape[0]
+
+    def close() -> None:
+        state.clear()  # drops the iterator: the worker processes exit
+
+    return step, close
+
+
+def _engine_step(model, images, labels, batch_size, config_kwargs):
+    from fer_lib.training import TrainConfig, _Engine, resolve_device
+
+    config = TrainConfig(batch_size=batch_size, lr=1e-3, optimizer="adam", augment="exp3", progress=False,
+                         **config_kwargs)
+    setup = resolve_device(config.device, config.precision, config.channels_last, compile=config.compile, model=model)
+    engine = _Engine(model, config, setup, steps_per_epoch=max(1, len(labels) // batch_size))
+    x = torch.as_tensor(images).to(setup.device)
+    y = torch.as_tensor(labels).long().to(setup.device)
+    generator = torch.Generator().manual_seed(0)
+    order_gen = torch.Generator().manual_seed(0)
+    chunk = 8  # steps per call; the per-call sync is what fit pays once per epoch
+    state = {"order": torch.randperm(len(y), generator=order_gen).to(setup.device), "pos": 0}
+
+    def step() -> int:
+        need = chunk * batch_size
+        if state["pos"] + need > len(y):
+            state["order"] = torch.randperm(len(y), generator=order_gen).to(setup.device)
+            state["pos"] = 0
+        order = state["order"][state["pos"]:state["pos"] + need]
+        state["pos"] += need
+        return engine.train_epoch(0, x, y, None, order, generator, max_steps=chunk)["images"]
+
+    return step, setup
+
+
+def _bare_step(model, batch_size, setup, config_kwargs):
+    from fer_lib.augment import to_float
+    from fer_lib.training import TrainConfig, _make_optimizer
+
+    config = TrainConfig(batch_size=batch_size, lr=1e-3, optimizer="adam", **config_kwargs)
+    model = model.to(setup.device, memory_format=setup.memory_format()).train()
+    optimizer = _make_optimizer(model, config, setup.device)
+    criterion = nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(0)
+    x = to_float(torch.randint(0, 256, (batch_size, 48, 48), dtype=torch.uint8, generator=generator))
+    x = x.to(setup.device).contiguous(memory_format=setup.memory_format())
+    y = torch.randint(0, 7, (batch_size,), generator=generator).to(setup.device)
+
+    def step() -> int:
+        with setup.autocast():
+            logits = model(x)
+        loss = criterion(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if setup.device.type == "cuda":
+            torch.cuda.synchronize()  # count finished work, not queued work
+        return batch_size
+
+    return step
+
+
+def run_bench(model: str = "exp3_cnn", *, seconds: float = 20.0, batch_size: int = 64, workers: int = 2,
+              n_images: int | None = None, data: str = "auto", device: str = "auto", precision: str = "auto",
+              channels_last: str | bool = "auto", warmup_steps: int = 5, rounds: int = 3, seed: int = 0,
+              verbose: bool = True) -> dict[str, Any]:
+    """Measure (a) seed-style, (b) engine, (c) bare img/s; returns the JSON-able result dict."""
+    from fer_lib.augment import MEAN, STD
+    from fer_lib.models import create_model
+
+    images, labels, source = _load_images(n_images, data, seed)
+    torch.manual_seed(seed)
+    base = create_model(model)
+    params = sum(p.numel() for p in base.parameters())
+    config_kwargs = {"device": device, "precision": precision, "channels_last": channels_last}
+
+    def say(line: str) -> None:
+        if verbose:
+            print(line, flush=True)
+
+    say(f"bench: model {model} ({params:,} params), batch {batch_size}, {len(labels):,} {source} images, "
+        f"{seconds:g}s per path in {rounds} interleaved rounds, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    engine_fn, setup = _engine_step(copy.deepcopy(base), images, labels, batch_size, config_kwargs)
+    bare_fn = _bare_step(copy.deepcopy(base), batch_size, setup, config_kwargs)
+    seed_fn, seed_close = _seed_style_step(copy.deepcopy(base), images, labels, batch_size, workers, MEAN, STD)
+    meters = {"seed": _Meter(seed_fn, warmup_steps), "engine": _Meter(engine_fn, max(1, warmup_steps // 8)),
+              "bare": _Meter(bare_fn, warmup_steps)}
+    # Interleaving the paths in rounds spreads slow drifts of a shared machine over all three.
+    try:
+        for _ in range(rounds):
+            for meter in meters.values():
+                meter.run(seconds / rounds)
+    finally:
+        seed_close()
+    seed_ips, engine_ips, bare_ips = (meters[k].img_per_s for k in ("seed", "engine", "bare"))
+    say(f"(a) seed-style {seed_ips:9,.0f} img/s  [cpu fp32, PIL transforms, DataLoader workers={workers}]")
+    say(f"(b) engine     {engine_ips:9,.0f} img/s  [{setup.describe()}, batched flip+rotation]")
+    say(f"(c) bare step  {bare_ips:9,.0f} img/s  [{setup.describe()}, pre-made batch]")
+    result = {
+        "seed_style_img_s": round(seed_ips, 1),
+        "engine_img_s": round(engine_ips, 1),
+        "bare_img_s": round(bare_ips, 1),
+        "engine_vs_seed": round(engine_ips / seed_ips, 3),
+        "engine_vs_bare": round(engine_ips / bare_ips, 3),
+        "device": str(setup.device),
+        "precision": setup.precision,
+        "channels_last": setup.channels_last,
+        "model": model,
+        "params": params,
+        "batch_size": batch_size,
+        "augment": "exp3 (flip + rotation 10)",
+        "data": source,
+        "workers": workers,
+        "seconds_per_path": seconds,
+        "rounds": rounds,
+        "torch": str(torch.__version__),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+    say(f"engine / seed-style = {result['engine_vs_seed']:.2f}x   engine / bare = {result['engine_vs_bare']:.2f}x")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m fer_lib.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="exp3_cnn", help="registered model name (default exp3_cnn)")
+    parser.add_argument("--seconds", type=float, default=None, help="timed seconds per path (default 20; --quick 0.5)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the seed-style path")
+    parser.add_argument("--images", type=int, default=None, help="use only the first N training images")
+    parser.add_argument("--data", choices=("auto", "fer2013", "synthetic"), default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 0.5 s per path on 256 generated images")
+    parser.add_argument("--json", action="store_true", help="print only the JSON line")
+    args = parser.parse_args(argv)
+    seconds, images, data, warmup, rounds = args.seconds or 20.0, args.images, args.data, 5, args.rounds
+    if args.quick:
+        seconds, images, data, warmup, rounds = args.seconds or 0.5, images or 256, "synthetic", 1, 1
+    result = run_bench(args.model, seconds=seconds, batch_size=args.batch_size, workers=args.workers,
+                       n_images=images, data=data, device=args.device, precision=args.precision,
+                       warmup_steps=warmup, rounds=rounds, verbose=not args.json)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,753 @@
+"""The training engine: fit / evaluate / predict_logits / overfit_check.
+
+Hot path (why it is fast on a 2-core CPU): the whole split lives on the training device as
+one uint8 tensor (28,709 x 48 x 48 = 66 MB); each epoch draws a seeded permutation, slices
+batches with index_select, converts them with one multiply-add (`augment.to_float`),
+augments the whole batch at once with per-sample parameters (`fer_lib.augment`), switches
+to channels_last and runs under the autocast dtype chosen by `resolve_device`. No
+DataLoader, no PIL, no worker processes. Loss and correct counts accumulate on the device;
+on CUDA the host reads them only every 50 steps (NaN check, progress) and at the epoch end.
+
+Reproducibility and resume: the batch order and the augmentation of epoch e come from
+generators seeded with (config.seed, e), so they need no saved state; the global torch RNG
+(dropout) is seeded once at the start and its state is saved in every "last" checkpoint with
+the model, optimizer, scheduler, grad scaler, EMA and early-stopping state. A run
+interrupted after epoch k and resumed therefore reproduces the uninterrupted run exactly on
+CPU (same thread count).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fer_lib.augment import build_augment, to_float
+from fer_lib.checkpoint import load_checkpoint, load_model, save_checkpoint, tag_model, to_plain
+from fer_lib.device import DeviceSetup, EpochProgress, progress_mode, resolve_device
+
+__all__ = [
+    "DeviceSetup",
+    "resolve_device",
+    "TrainConfig",
+    "FitResult",
+    "NonFiniteLossError",
+    "fit",
+    "evaluate",
+    "predict_logits",
+    "overfit_check",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model",
+]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite (the message names epoch and step)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; `to_dict()` is what checkpoints and trackers store."""
+
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"  # "adam" | "adamw" | "sgd"
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    weight_decay: float = 0.0
+    scheduler: str = "none"  # "none" | "plateau" | "onecycle" | "cosine"
+    plateau_factor: float = 0.1
+    plateau_patience: int = 5
+    plateau_metric: str = "val_loss"  # "val_loss" (min) or "val_accuracy" (max)
+    warmup_epochs: float = 0.0  # cosine: linear warmup length
+    pct_start: float = 0.3  # onecycle
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None  # max global grad norm
+    early_stopping_patience: int | None = None  # epochs without a better val accuracy
+    ema_decay: float | None = None  # e.g. 0.999; evaluate and checkpoint the EMA weights
+    class_weights: bool = False  # weight the loss by inverse class frequency
+    weighted_sampling: bool = False  # draw batches with inverse-frequency probabilities
+    # fer_lib.balance.upsample_to_max; the copies' needs_augmentation flags go to the augment,
+    # so add {"name": "FlaggedBrightness"} to `augment` to jitter the copies as the reports did
+    upsample: bool = False
+    augment: Any = "none"  # preset name or spec for fer_lib.augment.build_augment
+    device: str = "auto"
+    precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
+    channels_last: Any = "auto"
+    compile: bool = False  # torch.compile (CUDA only)
+    seed: int = 0
+    eval_batch_size: int = 512
+    max_steps_per_epoch: int | None = None  # smoke runs
+    tta: str = "none"  # "none" | "flip": final evaluation of the best model
+    progress: Any = True  # True (auto) | "plain" | "bar" | False
+    checkpoint_every_epoch: bool = True
+
+    def __post_init__(self) -> None:
+        choices = {
+            "optimizer": ("adam", "adamw", "sgd"),
+            "scheduler": ("none", "plateau", "onecycle", "cosine"),
+            "plateau_metric": ("val_loss", "val_accuracy"),
+            "tta": ("none", "flip"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"TrainConfig needs epochs >= 1 and batch_size >= 1, got {self.epochs}, {self.batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if isinstance(self.augment, nn.Module):
+            d["augment"] = repr(self.augment)
+        return to_plain(d)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            warnings.warn(f"TrainConfig.from_dict ignores unknown keys {unknown}", stacklevel=2)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_val_accuracy: float | None
+    best_checkpoint: Path | None
+    last_checkpoint: Path | None
+    model: nn.Module
+    wall_seconds: float
+    stopped_early: bool = False
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    setup: DeviceSetup | None = None
+
+
+# --------------------------------------------------------------------------------------
+# data helpers
+
+
+def _arrays(split, what: str) -> tuple[Tensor, Tensor | None]:
+    """(images uint8 (N,H,W) tensor, labels int64 tensor or None) from a Split / tuple / array."""
+    if isinstance(split, (tuple, list)) and len(split) == 2:
+        images, labels = split
+    elif hasattr(split, "images"):
+        images = split.images
+        try:
+            labels = split.labels
+        except Exception:  # e.g. fer_lib.data.DatasetError for an unlabelled test split
+            labels = None
+    else:
+        images, labels = split, None
+    images = torch.as_tensor(np.asarray(images) if not isinstance(images, Tensor) else images)
+    if images.dtype != torch.uint8:
+        raise TypeError(f"{what}: images must be uint8, got {images.dtype}")
+    if images.dim() == 4 and images.shape[1] == 1:
+        images = images[:, 0]
+    if images.dim() != 3:
+        raise ValueError(f"{what}: images must be (N,H,W) or (N,1,H,W), got shape {tuple(images.shape)}")
+    if labels is not None:
+        labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, Tensor) else labels).long()
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"{what}: {labels.shape[0] if labels.dim() else 0} labels for {images.shape[0]} images")
+    return images, labels
+
+
+def _class_names(train) -> tuple[str, ...] | None:
+    names = getattr(train, "class_names", None)
+    if names is not None:
+        return tuple(names)
+    try:
+        from fer_lib.data import CLASS_NAMES
+
+        return tuple(CLASS_NAMES)
+    except ImportError:
+        return None
+
+
+def _inverse_frequency(labels: Tensor, num_classes: int) -> Tensor:
+    try:
+        from fer_lib.balance import class_weights
+
+        return torch.as_tensor(class_weights(labels.numpy(), num_classes=num_classes), dtype=torch.float32)
+    except ImportError:
+        counts = torch.bincount(labels, minlength=num_classes).float()
+        return labels.numel() / (num_classes * counts.clamp(min=1))
+
+
+def _upsample(images: Tensor, labels: Tensor, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Repeat minority classes up to the largest class; flags mark the added copies."""
+    try:
+        from fer_lib.balance import upsample_to_max
+
+        up_x, up_y, flags = upsample_to_max(images.numpy(), labels.numpy(), seed)
+        return torch.as_tensor(np.asarray(up_x)), torch.as_tensor(np.asarray(up_y)).long(), torch.as_tensor(np.asarray(flags)).bool()
+    except ImportError:
+        gen = torch.Generator().manual_seed(seed)
+        counts = torch.bincount(labels)
+        extra = []
+        for c in range(len(counts)):
+            missing = int(counts.max() - counts[c])
+            members = torch.nonzero(labels == c).flatten()
+            if missing and len(members):
+                extra.append(members[torch.randint(len(members), (missing,), generator=gen)])
+        if not extra:
+            return images, labels, torch.zeros(len(labels), dtype=torch.bool)
+        extra_idx = torch.cat(extra)
+        flags = torch.cat([torch.zeros(len(labels), dtype=torch.bool), torch.ones(len(extra_idx), dtype=torch.bool)])
+        return torch.cat([images, images[extra_idx]]), torch.cat([labels, labels[extra_idx]]), flags
+
+
+def _seed_for(seed: int, epoch: int, stream: int) -> int:
+    """Independent seed per (run seed, epoch, stream): batch order and augment need no saved state."""
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, epoch, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+# --------------------------------------------------------------------------------------
+# pieces of the loop
+
+
+class ModelEma:
+    """Exponential moving average of a model's weights (and float buffers).
+
+    decay warms up as min(decay, (1 + updates) / (10 + updates)) so short runs are not
+    dominated by the random initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = float(decay)
+        self.updates = 0
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self._pairs: tuple | None = None
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        if self._pairs is None:  # state_dict() is slow-ish; its tensors stay the same objects
+            ema_f, model_f, ema_o, model_o = [], [], [], []
+            for ema_t, model_t in zip(self.module.state_dict().values(), model.state_dict().values()):
+                (ema_f if ema_t.is_floating_point() else ema_o).append(ema_t)
+                (model_f if ema_t.is_floating_point() else model_o).append(model_t)
+            self._pairs = (ema_f, model_f, ema_o, model_o)
+        ema_f, model_f, ema_o, model_o = self._pairs
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(ema_f, model_f, 1.0 - decay)
+        for ema_t, model_t in zip(ema_o, model_o):
+            ema_t.copy_(model_t)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "decay": self.decay, "weights": self.module.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = int(state["updates"])
+        self.module.load_state_dict(state["weights"])
+
+
+def _make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        cls = torch.optim.SGD
+        kwargs = {"momentum": config.momentum, "nesterov": config.nesterov}
+    else:
+        cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        kwargs = {}
+    try:
+        # fused kernels: one pass over all parameters instead of a few ops per tensor
+        return cls(params, lr=config.lr, weight_decay=config.weight_decay, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return cls(params, lr=config.lr, weight_decay=config.weight_decay, **kwargs)
+
+
+def _make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
+    """(scheduler or None, steps per batch: True when stepped every batch)."""
+    total = config.epochs * steps_per_epoch
+    if config.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total,
+                                                   pct_start=config.pct_start), True
+    if config.scheduler == "cosine":
+        warmup = int(round(config.warmup_epochs * steps_per_epoch))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), True
+    if config.scheduler == "plateau":
+        mode = "max" if config.plateau_metric == "val_accuracy" else "min"
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=config.plateau_factor,
+                                                          patience=config.plateau_patience), False
+    return None, False
+
+
+class _Engine:
+    """Model + optimizer + scheduler + loss + augment + EMA on one device; runs epochs.
+
+    fit() and the bench (fer_lib.bench) both train through `train_epoch`, so the bench
+    measures exactly the code path that fit uses.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, setup: DeviceSetup, steps_per_epoch: int,
+                 class_weight: Tensor | None = None):
+        self.config, self.setup = config, setup
+        self.model = model.to(setup.device, memory_format=setup.memory_format())
+        self.forward_model = torch.compile(self.model) if setup.compile else self.model
+        self.optimizer = _make_optimizer(self.model, config, setup.device)
+        self.scheduler, self.per_step_scheduler = _make_scheduler(self.optimizer, config, steps_per_epoch)
+        weight = class_weight.to(setup.device) if class_weight is not None else None
+        self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+        self.augment = build_augment(config.augment).to(setup.device)
+        self.ema = ModelEma(self.model, config.ema_decay) if config.ema_decay else None
+        self.scaler = torch.amp.GradScaler(setup.device.type) if setup.needs_grad_scaler else None
+        # on CPU reading a scalar costs nothing (no queue to drain); on CUDA it stalls the GPU
+        self.sync_every = 1 if setup.device.type == "cpu" else 50
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def train_epoch(self, epoch: int, images: Tensor, labels: Tensor, flags: Tensor | None, order: Tensor,
+                    generator: torch.Generator | None, max_steps: int | None = None,
+                    progress: EpochProgress | None = None) -> dict[str, float]:
+        """One pass over `order` (indices on the device). Returns loss, accuracy, images, seconds."""
+        model, setup, batch_size = self.model, self.setup, self.config.batch_size
+        model.train()
+        n = order.numel()
+        steps = math.ceil(n / batch_size)
+        if steps > 1 and n % batch_size == 1:
+            steps -= 1  # a final batch of one sample breaks BatchNorm in train mode
+        if max_steps is not None:
+            steps = min(steps, max_steps)
+        device = setup.device
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        first_bad = torch.full((), -1, device=device, dtype=torch.int64)
+        seen = reported = 0
+        augment = None if self.augment.is_identity else self.augment
+        memory_format = setup.memory_format()
+        clip = self.config.grad_clip
+        start = time.perf_counter()
+        for step in range(steps):
+            idx = order[step * batch_size:(step + 1) * batch_size]
+            yb = labels.index_select(0, idx)
+            x = to_float(images.index_select(0, idx))
+            if augment is not None:
+                x = augment(x, needs_aug=None if flags is None else flags.index_select(0, idx), generator=generator)
+            x = x.contiguous(memory_format=memory_format)
+            with setup.autocast():
+                logits = self.forward_model(x)
+            loss = self.criterion(logits.float(), yb)
+            if self.sync_every == 1 and not math.isfinite(loss.item()):
+                raise NonFiniteLossError(
+                    f"training loss is {loss.item()} at epoch {epoch}, step {step + 1} of {steps}; "
+                    "lower the learning rate, set grad_clip, or check the inputs for NaN")
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                if clip:
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                if clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), clip)
+                self.optimizer.step()
+            if self.per_step_scheduler:
+                self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(model)
+            with torch.no_grad():
+                loss_d = loss.detach()
+                loss_sum += loss_d.double() * idx.numel()
+                correct += (logits.detach().argmax(1) == yb).sum()
+                if self.sync_every > 1:
+                    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_d), step + 1, first_bad)
+            seen += idx.numel()
+            if (step + 1) % self.sync_every == 0 or step + 1 == steps:
+                if self.sync_every > 1 and int(first_bad) >= 0:
+                    raise NonFiniteLossError(
+                        f"training loss became NaN/inf at epoch {epoch}, step {int(first_bad)} of {steps}; "
+                        "lower the learning rate, set grad_clip, or check the inputs for NaN")
+                if progress is not None:
+                    progress.update(step + 1, step + 1 - reported, float(loss_sum) / seen)
+                    reported = step + 1
+        seconds = time.perf_counter() - start
+        return {
+            "loss": float(loss_sum) / max(seen, 1),
+            "accuracy": int(correct) / max(seen, 1),
+            "images": seen,
+            "seconds": seconds,
+        }
+
+
+@torch.inference_mode()
+def _logits(model: nn.Module, images: Tensor, setup: DeviceSetup, batch_size: int, tta: str) -> Tensor:
+    """Logits (N,C) float32 on setup.device for uint8 images (moved batch by batch)."""
+    if tta not in ("none", "flip"):
+        raise ValueError(f"tta must be 'none' or 'flip', got {tta!r}")
+    was_training = model.training
+    model.eval()
+    out = []
+    memory_format = setup.memory_format()
+    for start in range(0, images.shape[0], batch_size):
+        x = to_float(images[start:start + batch_size].to(setup.device, non_blocking=True))
+        x = x.contiguous(memory_format=memory_format)
+        with setup.autocast():
+            logits = model(x).float()
+            if tta == "flip":
+                logits = (logits + model(x.flip(-1)).float()) / 2
+        out.append(logits)
+    model.train(was_training)
+    if not out:
+        return torch.zeros(0, 0, device=setup.device)
+    return torch.cat(out)
+
+
+def _metrics(logits: Tensor, labels: Tensor) -> dict[str, Any]:
+    labels = labels.to(logits.device)
+    preds = logits.argmax(1)
+    return {
+        "loss": float(F.cross_entropy(logits, labels)),
+        "accuracy": float((preds == labels).float().mean()),
+        "logits": logits.cpu(),
+        "labels": labels.cpu(),
+        "preds": preds.cpu(),
+    }
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _eval_setup(model: nn.Module, device, precision: str) -> DeviceSetup:
+    dev = _model_device(model) if device is None else device
+    return resolve_device(dev, precision=precision, channels_last=False)
+
+
+def evaluate(model: nn.Module, split, *, batch_size: int = 512, device=None, tta: str = "none",
+             precision: str = "fp32") -> dict[str, Any]:
+    """loss (mean cross-entropy), accuracy (0..1), logits (N,C), labels, preds: CPU tensors.
+
+    split: an object with .images (uint8) and .labels (e.g. fer_lib.data.Split) or a pair.
+    device None: the model's device. tta="flip" averages the logits of image and mirror.
+    precision: "fp32" (default: exact numbers) or "auto"/"bf16" (faster where supported).
+    """
+    images, labels = _arrays(split, "evaluate")
+    if labels is None:
+        raise ValueError("evaluate needs labels; use predict_logits for unlabelled images")
+    setup = _eval_setup(model, device, precision)
+    model.to(setup.device)
+    return _metrics(_logits(model, images, setup, batch_size, tta), labels)
+
+
+def predict_logits(model: nn.Module, images_uint8, *, batch_size: int = 512, tta: str = "none", device=None,
+                   precision: str = "fp32") -> Tensor:
+    """Raw logits (N, C) as a float32 CPU tensor for uint8 images (N,48,48) or (N,1,48,48)."""
+    images, _ = _arrays(images_uint8, "predict_logits")
+    setup = _eval_setup(model, device, precision)
+    model.to(setup.device)
+    return _logits(model, images, setup, batch_size, tta).cpu()
+
+
+# --------------------------------------------------------------------------------------
+# fit
+
+
+def _as_model(model) -> nn.Module:
+    if isinstance(model, str):
+        from fer_lib.models import create_model
+
+        return tag_model(create_model(model), model, {})
+    if isinstance(model, nn.Module):
+        return model
+    raise TypeError(f"model must be an nn.Module or a registered model name, got {type(model).__name__}")
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["torch_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    if device.type == "cuda" and "torch_cuda" in state:
+        torch.cuda.set_rng_state(state["torch_cuda"], device)
+
+
+_RESUME_FIELDS = ("batch_size", "lr", "optimizer", "weight_decay", "scheduler", "augment", "seed", "label_smoothing",
+                  "ema_decay", "upsample", "weighted_sampling", "class_weights", "max_steps_per_epoch")
+
+
+def _warn_config_changes(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    """A resumed run continues exactly only with the same settings: say which ones differ."""
+    now = config.to_dict()
+    changed = [k for k in _RESUME_FIELDS if k in saved and saved[k] != now.get(k)]
+    if changed:
+        warnings.warn(f"resuming {path} with changed settings {changed}: the run will not match an "
+                      "uninterrupted one", stacklevel=3)
+
+
+def _summary_line(row: dict[str, float], epochs: int) -> str:
+    val = ""
+    if "val_loss" in row:
+        val = f" | val loss {row['val_loss']:.3f} acc {100 * row['val_accuracy']:.1f}%"
+    return (f"epoch {row['epoch']}/{epochs} loss {row['train_loss']:.3f} acc {100 * row['train_accuracy']:.1f}%"
+            f"{val} | lr {row['lr']:.1e} | {row['seconds']:.1f}s {row['img_per_s']:,.0f} img/s")
+
+
+def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None = None, *, tracker: Any = None,
+        run_dir: str | Path | None = None, resume: bool | str | Path | None = None,
+        class_names: Sequence[str] | None = None) -> FitResult:
+    """Train `model` on `train`, select the best epoch on `val` accuracy, return FitResult.
+
+    model: an nn.Module (moved to the training device in place) or a registered model name.
+    train / val: objects with .images uint8 (N,48,48) and .labels int64 (fer_lib.data.Split)
+        or (images, labels) pairs; val may be None (then the last epoch counts as best).
+    tracker: duck-typed .log(dict, step=), .log_summary(dict), .log_artifact(path, name, type).
+    run_dir: folder for best.pt / last.pt (None: keep the best weights in memory only).
+    resume: True (run_dir/last.pt) or a checkpoint path: continue that run to config.epochs.
+    Returns FitResult with the model holding the best (EMA if enabled) weights.
+    """
+    config = config or TrainConfig()
+    wall_start = time.perf_counter()
+    resume_path = None
+    if resume:
+        if resume is True:
+            if run_dir is None:
+                raise ValueError("fit(resume=True) needs run_dir (it resumes from run_dir/last.pt)")
+            resume_path = Path(run_dir) / "last.pt"
+        else:
+            resume_path = Path(resume)
+            run_dir = run_dir if run_dir is not None else resume_path.parent
+    run_dir = Path(run_dir) if run_dir is not None else None
+    if resume_path is None:
+        torch.manual_seed(config.seed)
+    model = _as_model(model)
+    setup = resolve_device(config.device, config.precision, config.channels_last, compile=config.compile, model=model)
+    mode = progress_mode(config.progress)
+
+    train_x, train_y = _arrays(train, "train")
+    if train_y is None:
+        raise ValueError("train split has no labels")
+    val_x = val_y = None
+    if val is not None:
+        val_x, val_y = _arrays(val, "val")
+        if val_y is None:
+            raise ValueError("val split has no labels")
+    class_names = tuple(class_names) if class_names is not None else _class_names(train)
+    num_classes = max(int(train_y.max()) + 1, len(class_names) if class_names else 0)
+
+    flags = None
+    if config.upsample:
+        train_x, train_y, flags = _upsample(train_x, train_y, config.seed)
+    class_weight = _inverse_frequency(train_y, num_classes) if config.class_weights else None
+    sample_weight = None
+    if config.weighted_sampling:
+        counts = torch.bincount(train_y, minlength=num_classes).double()
+        sample_weight = (1.0 / counts.clamp(min=1))[train_y]
+
+    device = setup.device
+    n_train = train_x.shape[0]
+    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    if steps_per_epoch > 1 and n_train % config.batch_size == 1:
+        steps_per_epoch -= 1
+    if config.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    engine = _Engine(model, config, setup, steps_per_epoch, class_weight)
+    train_x, train_y = train_x.to(device), train_y.to(device)
+    flags = flags.to(device) if flags is not None else None
+    if val_x is not None:
+        val_x = val_x.to(device)
+
+    history: list[dict[str, float]] = []
+    best_epoch, best_acc, best_state, bad_epochs, start_epoch = 0, None, None, 0, 1
+    best_path = run_dir / "best.pt" if run_dir is not None else None
+    last_path = run_dir / "last.pt" if run_dir is not None else None
+    meta = {"config": config.to_dict(), "class_names": class_names,
+            "model_name": getattr(model, "registry_name", None), "model_kwargs": getattr(model, "registry_kwargs", None)}
+
+    if resume_path is not None:
+        ckpt = load_checkpoint(resume_path, map_location=device)
+        ts = ckpt.get("train_state")
+        if ts is None:
+            raise ValueError(f"checkpoint {resume_path} has no train_state (a 'best' checkpoint?); resume from last.pt")
+        model.load_state_dict(ts.get("model_state_raw") or ckpt["model_state"])
+        engine.optimizer.load_state_dict(ts["optimizer"])
+        if engine.scheduler is not None and ts.get("scheduler") is not None:
+            engine.scheduler.load_state_dict(ts["scheduler"])
+        if engine.scaler is not None and ts.get("scaler") is not None:
+            engine.scaler.load_state_dict(ts["scaler"])
+        if engine.ema is not None and ts.get("ema") is not None:
+            engine.ema.load_state_dict(ts["ema"])
+        _warn_config_changes(ckpt.get("config") or {}, config, resume_path)
+        history = list(ckpt.get("history") or [])
+        best_epoch, best_acc = ckpt.get("best_epoch") or 0, ckpt.get("best_val_accuracy")
+        bad_epochs = int(ts.get("bad_epochs", 0))
+        start_epoch = int(ckpt["epoch"]) + 1
+        _set_rng_state(ts["rng"], device)
+        if mode != "off":
+            print(f"resumed from {resume_path} after epoch {ckpt['epoch']}", flush=True)
+
+    if mode != "off" and start_epoch == 1:
+        print(f"training on {setup.describe()}: {n_train:,} images, {steps_per_epoch} steps/epoch", flush=True)
+
+    stopped_early = False
+    for epoch in range(start_epoch, config.epochs + 1):
+        if bad_epochs and config.early_stopping_patience and bad_epochs >= config.early_stopping_patience:
+            stopped_early = True
+            break
+        epoch_start = time.perf_counter()
+        order_gen = torch.Generator().manual_seed(_seed_for(config.seed, epoch, 0))
+        if sample_weight is not None:
+            order = torch.multinomial(sample_weight, n_train, replacement=True, generator=order_gen)
+        else:
+            order = torch.randperm(n_train, generator=order_gen)
+        order = order.to(device)
+        augment_gen = torch.Generator().manual_seed(_seed_for(config.seed, epoch, 1))
+        lr = engine.lr()
+        progress = EpochProgress(mode, epoch, config.epochs, steps_per_epoch) if mode != "off" else None
+        try:
+            stats = engine.train_epoch(epoch, train_x, train_y, flags, order, augment_gen,
+                                       max_steps=config.max_steps_per_epoch, progress=progress)
+        finally:
+            if progress is not None:
+                progress.close()
+        row = {"epoch": epoch, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"]}
+        if val_x is not None:
+            val_metrics = _metrics(_logits(engine.eval_model, val_x, setup, config.eval_batch_size, "none"), val_y)
+            row["val_loss"], row["val_accuracy"] = val_metrics["loss"], val_metrics["accuracy"]
+        row["lr"] = lr
+        row["seconds"] = time.perf_counter() - epoch_start
+        row["img_per_s"] = stats["images"] / max(stats["seconds"], 1e-9)
+        history.append(row)
+
+        stop_now = bool(config.early_stopping_patience) and epoch < config.epochs  # decided below
+        if engine.scheduler is not None and not engine.per_step_scheduler:
+            metric = row.get(config.plateau_metric, row["train_loss"] if config.plateau_metric == "val_loss" else row["train_accuracy"])
+            engine.scheduler.step(metric)
+
+        score = row.get("val_accuracy")
+        # without validation the latest epoch is the one kept
+        improved = score is None or best_acc is None or score > best_acc
+        if improved:
+            best_epoch, best_acc, bad_epochs = epoch, score, 0
+            if best_path is not None:
+                save_checkpoint(best_path, engine.eval_model, epoch=epoch, metrics=row, history=history,
+                                best_epoch=best_epoch, best_val_accuracy=best_acc, **meta)
+            else:
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in engine.eval_model.state_dict().items()}
+        else:
+            bad_epochs += 1
+        stop_now = stop_now and bad_epochs >= config.early_stopping_patience
+
+        if last_path is not None and (config.checkpoint_every_epoch or epoch == config.epochs or stop_now):
+            train_state = {
+                "optimizer": engine.optimizer.state_dict(),
+                "scheduler": engine.scheduler.state_dict() if engine.scheduler is not None else None,
+                "scaler": engine.scaler.state_dict() if engine.scaler is not None else None,
+                "ema": engine.ema.state_dict() if engine.ema is not None else None,
+                "model_state_raw": model.state_dict() if engine.ema is not None else None,
+                "bad_epochs": bad_epochs,
+                "rng": _rng_state(device),
+            }
+            save_checkpoint(last_path, engine.eval_model, epoch=epoch, metrics=row, history=history,
+                            best_epoch=best_epoch, best_val_accuracy=best_acc, train_state=train_state, **meta)
+        if mode != "off":
+            print(_summary_line(row, config.epochs), flush=True)
+        if tracker is not None:
+            tracker.log(dict(row), step=epoch)
+        if stop_now:
+            stopped_early = True
+            if mode != "off":
+                print(f"early stopping: no better val accuracy for {bad_epochs} epochs "
+                      f"(best {100 * best_acc:.2f}% at epoch {best_epoch})", flush=True)
+            break
+
+    # the returned model holds the best weights (EMA weights when EMA is on)
+    if best_path is not None and best_path.exists():
+        model.load_state_dict(load_checkpoint(best_path, map_location=device)["model_state"])
+    elif best_state is not None:
+        model.load_state_dict(best_state)
+    elif engine.ema is not None:
+        model.load_state_dict(engine.ema.module.state_dict())
+    model.eval()
+
+    final: dict[str, float] = {}
+    if val_x is not None and config.tta != "none":
+        tta_metrics = _metrics(_logits(model, val_x, setup, config.eval_batch_size, config.tta), val_y)
+        final = {f"val_loss_tta_{config.tta}": tta_metrics["loss"], f"val_accuracy_tta_{config.tta}": tta_metrics["accuracy"]}
+    wall = time.perf_counter() - wall_start
+    if tracker is not None:
+        tracker.log_summary({"best_epoch": best_epoch, "best_val_accuracy": best_acc, "wall_seconds": wall,
+                             "stopped_early": stopped_early, **final})
+        if best_path is not None and best_path.exists():
+            tracker.log_artifact(best_path, name=f"{meta['model_name'] or 'model'}-best", type="model")
+    return FitResult(history=history, best_epoch=best_epoch, best_val_accuracy=best_acc,
+                     best_checkpoint=best_path if best_path is not None and best_path.exists() else None,
+                     last_checkpoint=last_path if last_path is not None and last_path.exists() else None,
+                     model=model, wall_seconds=wall, stopped_early=stopped_early, final_metrics=final, setup=setup)
+
+
+# --------------------------------------------------------------------------------------
+# overfit check
+
+
+def overfit_check(model: nn.Module, images, labels=None, n: int = 20, max_steps: int = 300, lr: float = 1e-3, *,
+                  device: str = "auto", seed: int = 0) -> dict[str, Any]:
+    """The reports' sanity check: can the model reach 100% training accuracy on n samples?
+
+    Trains a COPY of the model (the argument is left untouched) on n seeded random samples,
+    full batch, Adam(lr), no augmentation, fp32, until every sample is classified correctly
+    in train mode (as the reports measured) or max_steps. Returns dict(reached, steps,
+    accuracy (also as "acc", the contract's name), losses).
+    """
+    if labels is None:
+        images, labels = _arrays(images, "overfit_check")
+    else:
+        images, labels = _arrays((images, labels), "overfit_check")
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(images.shape[0], generator=gen)[:n]
+    setup = resolve_device(device, precision="fp32", model=model)
+    net = copy.deepcopy(model).to(setup.device, memory_format=setup.memory_format()).train()
+    x = to_float(images[pick].to(setup.device)).contiguous(memory_format=setup.memory_format())
+    y = labels[pick].to(setup.device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    losses: list[float] = []
+    accuracy = 0.0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for step in range(1, max_steps + 1):
+            logits = net(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            accuracy = float((logits.argmax(1) == y).float().mean())
+            if accuracy == 1.0:
+                return {"reached": True, "steps": step, "accuracy": accuracy, "acc": accuracy, "losses": losses}
+    return {"reached": False, "steps": max_steps, "accuracy": accuracy, "acc": accuracy, "losses": losses}

@@ -1,0 +1,291 @@
+"""fer_lib.training / checkpoint / device: the engine on tiny models and generated data."""
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from fer_lib import checkpoint as ckpt_mod
+from fer_lib.device import EpochProgress, cpu_has_bf16, progress_mode, resolve_device
+from fer_lib.synthetic import make_images
+from fer_lib.training import (
+    FitResult,
+    NonFiniteLossError,
+    TrainConfig,
+    evaluate,
+    fit,
+    load_checkpoint,
+    load_model,
+    overfit_check,
+    predict_logits,
+    save_checkpoint,
+)
+
+
+class TinyNet(nn.Module):
+    def __init__(self, batchnorm=True, dropout=0.2):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8) if batchnorm else nn.Identity(), nn.ReLU(),
+            nn.MaxPool2d(4), nn.Dropout(dropout),
+        )
+        self.head = nn.Linear(8 * 12 * 12, 7)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+def tiny(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return TinyNet(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_images(128, seed=0), make_images(64, seed=1)
+
+
+@pytest.fixture(autouse=True)
+def _quiet(monkeypatch):
+    monkeypatch.setenv("FER_LIB_PROGRESS", "off")
+
+
+CFG = dict(epochs=2, batch_size=32, device="cpu", seed=0)
+
+
+def test_resolve_device_on_cpu():
+    setup = resolve_device("cpu", precision="fp32")
+    assert setup.device == torch.device("cpu") and setup.amp_dtype is None and setup.channels_last
+    assert resolve_device("cpu", precision="bf16").amp_dtype == torch.bfloat16
+    auto = resolve_device("cpu")
+    assert auto.amp_dtype == (torch.bfloat16 if cpu_has_bf16() else None)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    assert not resolve_device("cpu", model=mlp).channels_last
+    assert not resolve_device("cpu", channels_last=False).channels_last
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_device("cpu", precision="fp16")
+    with pytest.raises(ValueError, match="precision"):
+        resolve_device("cpu", precision="int8")
+
+
+def test_train_config_round_trip_and_validation():
+    config = TrainConfig(epochs=3, optimizer="sgd", nesterov=True, augment=[("RandomRotation", {"degrees": 5})])
+    again = TrainConfig.from_dict(config.to_dict())
+    assert again.to_dict() == config.to_dict()
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="lion")
+
+
+def test_fit_two_epochs_lowers_the_loss(data):
+    train, val = data
+    model = tiny()
+    before = evaluate(model, val)["loss"]
+    result = fit(model, train, val, TrainConfig(lr=3e-3, augment="exp3", **CFG))
+    assert isinstance(result, FitResult) and len(result.history) == 2
+    row = result.history[-1]
+    for key in ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds", "img_per_s"):
+        assert key in row
+    assert evaluate(result.model, val)["loss"] < before
+    assert result.best_val_accuracy == max(r["val_accuracy"] for r in result.history)
+    assert result.best_checkpoint is None  # no run_dir: best weights kept in memory
+
+
+class _StopAfter:
+    """A tracker that interrupts the run (like Ctrl-C) after logging epoch `stop`."""
+
+    def __init__(self, stop):
+        self.stop, self.logged = stop, []
+
+    def log(self, metrics, step=None):
+        self.logged.append(step)
+        if step == self.stop:
+            raise KeyboardInterrupt
+
+    def log_summary(self, summary):
+        pass
+
+    def log_artifact(self, path, name, type):
+        pass
+
+
+def test_resume_reproduces_the_uninterrupted_run(data, tmp_path):
+    train, val = data
+    config = TrainConfig(epochs=4, batch_size=32, device="cpu", augment="exp5", scheduler="onecycle",
+                         ema_decay=0.9, weighted_sampling=True, seed=3)
+    full = fit(tiny(), train, val, config, run_dir=tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny(), train, val, config, run_dir=tmp_path / "cut", tracker=_StopAfter(2))
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 2
+    torch.manual_seed(999)  # the global RNG state comes from the checkpoint, not from here
+    resumed = fit(tiny(seed=5), train, val, config, run_dir=tmp_path / "cut", resume=True)
+    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
+    assert [[r[k] for k in keys] for r in resumed.history] == [[r[k] for k in keys] for r in full.history]
+    assert resumed.best_epoch == full.best_epoch
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _NanAfter(nn.Module):
+    """TinyNet whose training forward returns NaN from the `bad_call`-th call on."""
+
+    def __init__(self, bad_call):
+        super().__init__()
+        self.net, self.bad_call, self.calls = TinyNet(), bad_call, 0
+
+    def forward(self, x):
+        out = self.net(x)
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.bad_call:
+                out = out * float("nan")
+        return out
+
+
+def test_nan_loss_raises_naming_epoch_and_step(data):
+    train, val = data
+    with pytest.raises(FloatingPointError, match=r"epoch 2, step 2 ") as info:
+        fit(_NanAfter(bad_call=6), train, val, TrainConfig(**CFG))  # 4 steps per epoch
+    assert isinstance(info.value, NonFiniteLossError)
+
+
+def test_early_stopping_stops_when_val_accuracy_stalls(data):
+    train, val = data
+    # lr 0 and no BatchNorm/dropout: the val accuracy never changes after epoch 1
+    model = tiny(batchnorm=False, dropout=0.0)
+    result = fit(model, train, val, TrainConfig(epochs=10, batch_size=32, lr=0.0, early_stopping_patience=2,
+                                                device="cpu"))
+    assert len(result.history) == 3 and result.stopped_early and result.best_epoch == 1
+
+
+def test_ema_changes_the_evaluated_weights_not_the_training(data):
+    train, val = data
+    plain = fit(tiny(), train, val, TrainConfig(lr=3e-3, **CFG))
+    ema = fit(tiny(), train, val, TrainConfig(lr=3e-3, ema_decay=0.9, **CFG))
+    assert [r["train_loss"] for r in plain.history] == [r["train_loss"] for r in ema.history]
+    assert [r["val_loss"] for r in plain.history] != [r["val_loss"] for r in ema.history]
+    weight = "head.weight"
+    assert not torch.equal(plain.model.state_dict()[weight], ema.model.state_dict()[weight])
+
+
+def test_checkpoint_round_trip_is_weights_only_and_atomic(tmp_path, monkeypatch):
+    model = tiny()
+    path = save_checkpoint(tmp_path / "m.pt", model, config=TrainConfig().to_dict(), epoch=3,
+                           metrics={"val_accuracy": 0.5}, class_names=("a", "b"))
+    assert os.listdir(tmp_path) == ["m.pt"]  # no temporary file left behind
+    raw = torch.load(path, weights_only=True)
+    assert raw["epoch"] == 3 and raw["class_names"] == ["a", "b"] and raw["torch_version"] == str(torch.__version__)
+    assert "git_revision" in raw and raw["config"]["batch_size"] == 64
+    other = tiny(seed=1)
+    other.load_state_dict(load_checkpoint(path)["model_state"])
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+
+    before = path.read_bytes()
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, tiny(seed=2), epoch=4)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.pt"]
+
+
+def test_load_checkpoint_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_checkpoint(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pt"):
+        load_checkpoint(bad)
+
+
+def test_fit_by_model_name_writes_checkpoints_that_load_model_rebuilds(data, tmp_path):
+    train, val = data
+    tracker = _Recorder()
+    result = fit("exp3_cnn", train, val, TrainConfig(epochs=1, batch_size=32, max_steps_per_epoch=1, device="cpu"),
+                 run_dir=tmp_path, tracker=tracker)
+    assert result.best_checkpoint == tmp_path / "best.pt" and result.last_checkpoint == tmp_path / "last.pt"
+    rebuilt = load_model(result.best_checkpoint)
+    assert rebuilt.registry_name == "exp3_cnn" and not rebuilt.training
+    a, b = result.model.state_dict(), rebuilt.state_dict()
+    assert all(torch.equal(a[k].cpu(), b[k]) for k in a)
+    assert tracker.steps == [1] and tracker.summary["best_epoch"] == 1
+    assert tracker.artifacts == [(tmp_path / "best.pt", "exp3_cnn-best", "model")]
+
+
+class _Recorder:
+    def __init__(self):
+        self.steps, self.summary, self.artifacts = [], None, []
+
+    def log(self, metrics, step=None):
+        self.steps.append(step)
+
+    def log_summary(self, summary):
+        self.summary = summary
+
+    def log_artifact(self, path, name, type):
+        self.artifacts.append((path, name, type))
+
+
+def test_overfit_check_reaches_full_accuracy_and_leaves_model_alone(data):
+    (images, labels), _ = data
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = overfit_check(model, images, labels, n=20, max_steps=300, lr=3e-3)
+    assert result["reached"] and result["accuracy"] == 1.0 and result["steps"] < 300
+    assert len(result["losses"]) == result["steps"] and result["losses"][-1] < result["losses"][0]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_evaluate_predict_logits_and_flip_tta(data):
+    _, (images, labels) = data
+    model = tiny().eval()
+    out = evaluate(model, (images, labels), batch_size=16)
+    assert out["logits"].shape == (64, 7) and out["preds"].shape == (64,) and out["labels"].shape == (64,)
+    assert 0.0 <= out["accuracy"] <= 1.0 and math.isfinite(out["loss"])
+    logits = predict_logits(model, images, batch_size=16)
+    assert logits.dtype == torch.float32 and logits.device.type == "cpu"
+    assert torch.allclose(logits, out["logits"], atol=1e-5)
+    flipped = predict_logits(model, images[:, :, ::-1].copy())
+    tta = predict_logits(model, images, tta="flip")
+    assert torch.allclose(tta, (logits + flipped) / 2, atol=1e-5)
+    assert not torch.allclose(tta, logits)
+
+
+def test_progress_modes(monkeypatch, data, capsys):
+    monkeypatch.delenv("FER_LIB_PROGRESS")
+    assert progress_mode(True) == "plain"  # pytest is not an interactive Jupyter
+    assert progress_mode(False) == "off"
+    monkeypatch.setenv("FER_LIB_PROGRESS", "bar")
+    assert progress_mode(True) == "bar"
+    monkeypatch.setenv("FER_LIB_PROGRESS", "plain")
+    monkeypatch.setattr(EpochProgress, "plain_interval", 0.0)  # a step line every step
+    train, val = data
+    fit(tiny(), train, val, TrainConfig(**CFG))
+    printed = capsys.readouterr().out
+    lines = [line for line in printed.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 2 and "\r" not in printed and "Widget" not in printed
+    assert lines[0].startswith("epoch 1/2 loss ") and " | val loss " in lines[0] and "img/s" in lines[0]
+    assert "  epoch 1/2 step 4/4 loss " in printed
+
+
+def test_balancing_options_and_schedulers_run(data):
+    train, val = data
+    images, labels = train
+    keep = (labels != 1) | (torch.arange(len(labels)).numpy() < 40)  # make class 1 rare-ish
+    skewed = (images[keep], labels[keep])
+    config = TrainConfig(epochs=2, batch_size=32, device="cpu", upsample=True, class_weights=True,
+                         augment=["RandomHorizontalFlip", {"name": "FlaggedBrightness"}], scheduler="cosine",
+                         warmup_epochs=1, max_steps_per_epoch=3, tta="flip", grad_clip=1.0, label_smoothing=0.1)
+    result = fit(tiny(), skewed, val, config)
+    # cosine with a 1-epoch (3-step) warmup: epoch 1 starts at lr/3, epoch 2 at the peak
+    assert [r["lr"] for r in result.history] == pytest.approx([1e-3 / 3, 1e-3])
+    assert "val_accuracy_tta_flip" in result.final_metrics
+    plateau = fit(tiny(), train, val, TrainConfig(epochs=4, batch_size=32, device="cpu", scheduler="plateau",
+                                                  plateau_patience=0, plateau_factor=0.5, lr=1e-2,
+                                                  weighted_sampling=True, optimizer="sgd", nesterov=True))
+    lrs = [r["lr"] for r in plateau.history]
+    assert lrs == sorted(lrs, reverse=True)
+    assert all(math.log2(1e-2 / lr) == pytest.approx(round(math.log2(1e-2 / lr))) for lr in lrs)
