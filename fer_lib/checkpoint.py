@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "load_model", "git_revision", "to_plain", "tag_model"]
+__all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "load_model", "git_revision", "to_plain"]
 
 FORMAT_VERSION = 1
 
@@ -60,13 +60,6 @@ def to_plain(obj: Any) -> Any:
     if hasattr(obj, "tolist"):  # numpy arrays
         return obj.tolist()
     return repr(obj)
-
-
-def tag_model(model: nn.Module, name: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """Record the registry name and kwargs on a model so checkpoints can rebuild it."""
-    model.registry_name = name
-    model.registry_kwargs = dict(kwargs or {})
-    return model
 
 
 def _state_to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -155,7 +148,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model from the registry (fer_lib.models.create_model) and load its weights.
 
-    Returns the model in eval mode, tagged with registry_name/registry_kwargs and with
+    Returns the model in eval mode (create_model records registry_name/registry_kwargs), with
     `checkpoint_meta` (epoch, metrics, class_names, config) attached for reference.
     """
     ckpt = load_checkpoint(path, map_location=map_location)
@@ -170,6 +163,5 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     kwargs = dict(ckpt.get("model_kwargs") or {})
     model = create_model(name, **kwargs)
     model.load_state_dict(ckpt["model_state"])
-    tag_model(model, name, kwargs)
     model.checkpoint_meta = {k: ckpt.get(k) for k in ("epoch", "metrics", "class_names", "config", "best_val_accuracy")}
     return model.eval()

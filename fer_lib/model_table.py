@@ -69,12 +69,16 @@ def model_table(names: list[str] | None = None) -> pd.DataFrame:
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    """The table as GitHub markdown (written here: pandas' to_markdown needs `tabulate`)."""
-    header = "| name | source report | parameters | MFLOPs per image (48x48) |"
-    lines = [header, "|---|---|---:|---:|"]
-    for row in table.itertuples(index=False):
-        lines.append(f"| {row.name} | {row.source} | {row.params:,} | {row.mflops:,.1f} |")
-    return "\n".join(lines)
+    """The table as GitHub markdown, parameters with thousands separators."""
+    from fer_lib.evaluation import to_markdown as frame_to_markdown
+
+    shown = pd.DataFrame({
+        "name": table["name"],
+        "source report": table["source"],
+        "parameters": [f"{p:,}" for p in table["params"]],
+        "MFLOPs per image (48x48)": table["mflops"].astype(float),
+    })
+    return frame_to_markdown(shown, floatfmt=",.1f")
 
 
 def main() -> None:

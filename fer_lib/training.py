@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fer_lib.augment import build_augment, to_float
-from fer_lib.checkpoint import load_checkpoint, load_model, save_checkpoint, tag_model, to_plain
+from fer_lib.checkpoint import load_checkpoint, load_model, save_checkpoint, to_plain
 from fer_lib.device import DeviceSetup, EpochProgress, progress_mode, resolve_device
 
 __all__ = [
@@ -479,7 +479,7 @@ def _as_model(model) -> nn.Module:
     if isinstance(model, str):
         from fer_lib.models import create_model
 
-        return tag_model(create_model(model), model, {})
+        return create_model(model)
     if isinstance(model, nn.Module):
         return model
     raise TypeError(f"model must be an nn.Module or a registered model name, got {type(model).__name__}")

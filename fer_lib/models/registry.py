@@ -72,7 +72,12 @@ def create_model(name: str, num_classes: int = 7, in_chans: int = 1, **kwargs: A
     if num_classes < 1 or in_chans < 1:
         raise ValueError(f"model {name!r}: num_classes and in_chans must be >= 1, "
                          f"got num_classes={num_classes}, in_chans={in_chans}")
-    return entry.factory(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    model = entry.factory(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    # Remember how the model was built, so checkpoints and shipped weights can rebuild it
+    # from the registry without pickling code.
+    model.registry_name = name
+    model.registry_kwargs = {"num_classes": num_classes, "in_chans": in_chans, **kwargs}
+    return model
 
 
 def model_info(name: str) -> dict[str, str]:
