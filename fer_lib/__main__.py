@@ -236,8 +236,24 @@ def _add_export_onnx(subparsers: Any) -> None:
 
 # --------------------------------------------------------------------------- entry point
 
+# Commands whose module parses its own arguments (`main(argv)`): the rest of the line goes there.
+DELEGATED: dict[str, tuple[str, str]] = {
+    "series": ("fer_lib.series", "run the notebook series headless (papermill)"),
+    "reproduce": ("fer_lib.recipes", "train a recipe for N seeds, print mean +- std"),
+    "bench": ("fer_lib.bench", "throughput: seed-style pipeline vs engine vs bare step"),
+    "model-table": ("fer_lib.model_table", "parameters and MFLOPs of every model"),
+}
+
+
+def _add_delegated(subparsers: Any) -> None:
+    """List the delegated commands in --help; main() hands their arguments on untouched."""
+    for command, (_, help_text) in DELEGATED.items():
+        subparsers.add_parser(command, help=help_text, add_help=False)
+
+
 # One line per command: each adds its sub-parser and sets func=<callable(args) -> exit code>.
 COMMANDS: list[Callable[[Any], None]] = [
+    _add_delegated,
     _add_predict,
     _add_export_onnx,
 ]
@@ -254,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; return its exit code (argparse usage errors exit with 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        result = importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
+        return result if isinstance(result, int) else EXIT_OK
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

@@ -950,3 +950,29 @@ def build_augment(spec=None, *, mean: float = MEAN, std: float = STD) -> Augment
     if isinstance(spec, dict):
         spec = [spec]
     return Compose([_from_item(item) for item in spec], mean=mean, std=std)
+
+
+def plot_augmentations(images_uint8, presets=("exp3", "exp5", "fast"), *, views: int = 8,
+                       seed: int = 0):
+    """Gallery: one row per preset, `views` random draws of the first image in each column.
+
+    Shows what the network actually receives (after normalisation), so the colour scale is
+    shared per row.
+    """
+    import matplotlib.pyplot as plt
+
+    face = torch.as_tensor(images_uint8[:1])
+    x = to_float(face).repeat(views, 1, 1, 1)
+    fig, axes = plt.subplots(len(presets), views + 1, figsize=(1.3 * (views + 1), 1.45 * len(presets)),
+                             squeeze=False)
+    for row, preset in enumerate(presets):
+        out = build_augment(preset)(x, generator=torch.Generator().manual_seed(seed + row))
+        panels = [x[0, 0]] + [out[i, 0] for i in range(views)]
+        for col, panel in enumerate(panels):
+            ax = axes[row, col]
+            ax.imshow(panel.numpy(), cmap="gray", vmin=float(x.min()), vmax=float(x.max()))
+            ax.set_xticks([]), ax.set_yticks([])
+        axes[row, 0].set_ylabel(preset, fontsize=9)
+    axes[0, 0].set_title("original", fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["run_bench", "main"]
+__all__ = ["run_bench", "seed_style_curve", "main"]
 
 
 class _SeedStyleDataset(torch.utils.data.Dataset):
@@ -130,6 +130,40 @@ def _seed_style_step(model, images, labels, batch_size, workers, mean, std):
         state.clear()  # drops the iterator: the worker processes exit
 
     return step, close
+
+
+def seed_style_curve(data, *, seconds: float, model: str = "exp3_cnn", batch_size: int = 64,
+                     workers: int = 2, lr: float = 1e-3, max_steps_per_epoch: int | None = None,
+                     seed: int = 0) -> list[tuple[float, float]]:
+    """Train `model` the reports' way for about `seconds`; return (wall seconds, val accuracy).
+
+    The reports' pipeline: PIL transforms per image (flip + rotation 10) in a DataLoader with
+    `workers` processes, fp32, Adam, loss.item() every step; validation after every epoch
+    (counted in the wall time, as `fit` counts its own). The epoch that crosses `seconds` is
+    finished, so the curve ends just past the budget.
+    """
+    from fer_lib.augment import MEAN, STD
+    from fer_lib.models import create_model
+    from fer_lib.training import evaluate
+
+    torch.manual_seed(seed)
+    net = create_model(model)
+    step, close = _seed_style_step(net, np.asarray(data.train.images), np.asarray(data.train.labels),
+                                   batch_size, workers, MEAN, STD)
+    steps_per_epoch = len(data.train.labels) // batch_size
+    if max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, max_steps_per_epoch)
+    curve, start = [], time.perf_counter()
+    try:
+        while time.perf_counter() - start < seconds:
+            net.train()
+            for _ in range(steps_per_epoch):
+                step()
+            accuracy = evaluate(net, data.val, batch_size=256)["accuracy"]
+            curve.append((time.perf_counter() - start, float(accuracy)))
+    finally:
+        close()
+    return curve
 
 
 def _engine_step(model, images, labels, batch_size, config_kwargs):

@@ -81,10 +81,12 @@ def to_markdown(table: pd.DataFrame) -> str:
     return frame_to_markdown(shown, floatfmt=",.1f")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fer_lib model-table`: print the table (no options)."""
     torch.manual_seed(0)
     print(to_markdown(model_table()))
     print("\nMFLOPs = 2 x multiply-accumulates of Conv2d/Linear layers, one 1x48x48 image.")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,182 @@
+"""Per-notebook results: written by each notebook, read by 08 and by the series summary.
+
+Every notebook ends by calling `write_results(run_dir, {...})`, which stores a small
+`results.json` in its run folder. Numbers shown side by side later (08's table, the README's
+results section, `runs/<profile>/summary.md`) are read back from those files, never typed in.
+
+`REPORT_CLAIMS` holds what each experiment report claimed, with the protocol it used, so a
+notebook can put its measured number beside the claim with the caveat attached.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+RESULTS_FILE = "results.json"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A result as an experiment report states it."""
+
+    experiment: str
+    report: str
+    accuracy: float | None  # percent, None where the report gives no number
+    metric: str  # what the number is measured on, in the report's own protocol
+
+
+# The reports split Training 72/18/10 themselves (report-003) or used other ad-hoc splits, so
+# their numbers are claims to compare against, not results under the standard protocol.
+REPORT_CLAIMS: dict[str, Claim] = {
+    "02_mlp_baseline": Claim("1: MLP 2304-64-7", "report-003", 30.30,
+                             "test accuracy on a 10% hold-out of Training"),
+    "03_cnn": Claim("2: CNN + BN + dropout", "report-003", 54.37,
+                    "test accuracy on a 10% hold-out of Training"),
+    "04_cnn_augmentation_sweep": Claim("3: CNN + flip/rotate + sweep", "report-003", 60.61,
+                                       "test accuracy on a 10% hold-out of Training"),
+    "05_resnet": Claim("4: ResNet 64-512 + bayes sweep", "report-003", 58.38,
+                       "best validation accuracy (18% of Training)"),
+    "06_resnet_regularized": Claim("5: ResNet, stronger regularisation", "report-003", 57.65,
+                                   "best validation accuracy (18% of Training)"),
+    "07_resnet_small": Claim("6: small ResNet", "report-003", 58.85,
+                             "best validation accuracy (18% of Training)"),
+    "08_final_model": Claim("8: back to the best CNN, improved", "report-003", None,
+                            "the report ends before a result; its best was 60.6% (exp. 3)"),
+}
+
+
+def resolve_run_dir(run_dir: str | os.PathLike | None, notebook: str) -> Path:
+    """A notebook's run folder: the given one, else `runs/manual/<notebook>/` in the repo.
+
+    Resolved from the package location rather than the working directory, so a notebook
+    writes to the same place whether papermill starts it from the repo root or notebooks/.
+    """
+    if run_dir is not None:
+        path = Path(run_dir)
+    else:
+        path = Path(__file__).resolve().parent.parent / "runs" / "manual" / notebook
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
+def write_results(run_dir: str | os.PathLike, results: dict[str, Any]) -> Path:
+    """Write `results` as JSON into `run_dir/results.json`, atomically.
+
+    Values must be JSON-serialisable (numbers, strings, lists, dicts); NaN becomes null so the
+    file stays valid JSON for every reader.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RESULTS_FILE
+    text = json.dumps(_clean(results), indent=2, sort_keys=True)
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".results-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_results(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read a notebook's `results.json`; a missing or broken file is a clear error."""
+    path = Path(run_dir) / RESULTS_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no results yet (run the notebook first)") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def collect_results(runs_dir: str | os.PathLike) -> pd.DataFrame:
+    """One row per notebook run folder under `runs_dir` that holds a results.json.
+
+    Columns: notebook, model, val_accuracy, test_accuracy, macro_f1, seconds, plus the report's
+    claim (claim_accuracy, claim_metric) where one exists.
+    """
+    rows = []
+    for path in sorted(Path(runs_dir).glob(f"*/{RESULTS_FILE}")):
+        notebook = path.parent.name
+        res = read_results(path.parent)
+        claim = REPORT_CLAIMS.get(notebook)
+        rows.append({
+            "notebook": notebook,
+            "model": res.get("model"),
+            "val_accuracy": res.get("val_accuracy"),
+            "test_accuracy": res.get("test_accuracy"),
+            "macro_f1": res.get("test_macro_f1"),
+            "seconds": res.get("seconds"),
+            "profile": res.get("profile"),
+            "claim_accuracy": claim.accuracy if claim else None,
+            "claim_metric": claim.metric if claim else None,
+        })
+    return pd.DataFrame(rows, columns=["notebook", "model", "val_accuracy", "test_accuracy",
+                                       "macro_f1", "seconds", "profile", "claim_accuracy",
+                                       "claim_metric"])
+
+
+def claim_row(notebook: str, results: dict[str, Any]) -> pd.DataFrame:
+    """A one-row table: our measured numbers beside the report's claim (for results cells)."""
+    claim = REPORT_CLAIMS.get(notebook)
+    return pd.DataFrame([{
+        "experiment": claim.experiment if claim else notebook,
+        "ours: PublicTest (val) %": _pct(results.get("val_accuracy")),
+        "ours: PrivateTest (test) %": _pct(results.get("test_accuracy")),
+        "report claim %": claim.accuracy if claim else None,
+        "report's protocol": claim.metric if claim else "",
+    }])
+
+
+def plot_results(df: pd.DataFrame):
+    """Bar chart: our PrivateTest accuracy per notebook beside the report's claim."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    x = np.arange(len(df))
+    ours = [_pct(v) if v is not None else np.nan for v in df["test_accuracy"]]
+    claims = [c if c is not None else np.nan for c in df["claim_accuracy"]]
+    ax.bar(x - 0.2, ours, width=0.4, label="ours: PrivateTest (standard protocol)")
+    ax.bar(x + 0.2, claims, width=0.4, label="report's claim (own split)", alpha=0.6)
+    ax.set_xticks(x, [n.split("_", 1)[0] + "\n" + n.split("_", 1)[-1][:14] for n in df["notebook"]],
+                  fontsize=8)
+    ax.set_ylabel("accuracy %")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("FER2013: our runs beside the experiment reports")
+    fig.tight_layout()
+    return fig
+
+
+def _pct(value: Any) -> float | None:
+    """Accuracies are stored as fractions (0..1); tables show percent."""
+    if value is None:
+        return None
+    return 100.0 * float(value)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        try:
+            return _clean(value.item())
+        except (TypeError, ValueError):
+            pass
+    if isinstance(value, Claim):
+        return asdict(value)
+    return value
