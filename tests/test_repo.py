@@ -43,3 +43,13 @@ def test_importing_fer_lib_does_no_heavy_work():
     code = "import sys, fer_lib; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_readme_model_table_matches_the_code():
+    from fer_lib.model_table import model_table, to_markdown
+
+    readme = (ROOT / "README.md").read_text()
+    start, end = "<!-- model-table:start -->\n", "\n<!-- model-table:end -->"
+    shown = readme[readme.index(start) + len(start):readme.index(end)]
+    assert shown.strip() == to_markdown(model_table()).strip(), \
+        "README model table is stale: paste `python -m fer_lib model-table` into it"
