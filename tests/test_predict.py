@@ -537,3 +537,14 @@ def test_shipped_weights_path_points_into_the_package():
     path = weights_io.shipped_weights_path()
     assert path.parent == Path(fer_lib.__file__).resolve().parent / "weights"
     assert path.suffix == ".safetensors"
+
+
+def test_shipped_default_weights_load_without_pickle_and_predict():
+    """The repo ships a small trained model so `predict` works right after install."""
+    path = weights_io.shipped_weights_path()
+    assert path.exists() and path.stat().st_size < 10 * 2**20
+    model, meta = weights_io.load_weights(path)
+    assert meta["metrics"]["test_accuracy"] > 0.5 and len(meta["class_names"]) == 7
+    predictor = predict.load_predictor()
+    probs = predictor.predict_crops(np.full((2, 48, 48), 128, np.uint8))
+    assert np.allclose(np.asarray(probs).sum(axis=1), 1.0, atol=1e-4)
