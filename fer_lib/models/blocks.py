@@ -96,6 +96,32 @@ def linear_bn_act(in_features: int, out_features: int, activation: ActivationFac
     return nn.Sequential(*layers)
 
 
+def linear_bn_act_stack(in_features: int, dims: tuple[int, ...],
+                        dropout_rate: float = 0.0) -> tuple[nn.Sequential, int]:
+    """FC blocks of widths `dims` in a row; returns them and the last width (for the classifier)."""
+    blocks = []
+    for dim in dims:
+        blocks.append(linear_bn_act(in_features, dim, dropout_rate=dropout_rate))
+        in_features = dim
+    return nn.Sequential(*blocks), in_features
+
+
+def residual_trunk(in_chans: int, stem_channels: int, widths: tuple[int, ...],
+                   dropout_rate: float) -> tuple[nn.Sequential, nn.Sequential, int]:
+    """conv3x3-BN-ReLU stem, then one stride-2 BasicBlock per width.
+
+    Returns (stem, blocks, out_channels); the small residual nets of report-000 and
+    report-003 (experiment 6) share this trunk and differ only in their heads.
+    """
+    stem = nn.Sequential(nn.Conv2d(in_chans, stem_channels, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(stem_channels), nn.ReLU())
+    blocks, channels = [], stem_channels
+    for width in widths:
+        blocks.append(BasicBlock(channels, width, stride=2, dropout_rate=dropout_rate))
+        channels = width
+    return stem, nn.Sequential(*blocks), channels
+
+
 def init_resnet_weights(model: nn.Module) -> None:
     """He init for convs (fan_out, as torchvision's ResNet), BN to identity, small normal FC.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fer_lib.models.blocks import BasicBlock, SqueezeExcite, linear_bn_act
+from fer_lib.models.blocks import SqueezeExcite, linear_bn_act_stack, residual_trunk
 from fer_lib.models.registry import register_model
 
 SOURCE = "report-000"
@@ -65,11 +65,7 @@ class EnhancedNeuralNet(nn.Module):
         self.features = nn.Sequential(*blocks)
         side = 48 // 2 ** len(widths)
         in_features = channels * side * side
-        fc_blocks = []
-        for dim in fc_dims:
-            fc_blocks.append(linear_bn_act(in_features, dim, dropout_rate=fc_dropout))
-            in_features = dim
-        self.fc_blocks = nn.Sequential(*fc_blocks)
+        self.fc_blocks, in_features = linear_bn_act_stack(in_features, fc_dims, fc_dropout)
         self.classifier = nn.Linear(in_features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,15 +98,7 @@ class AdvancedNetwork(nn.Module):
                  widths: tuple[int, ...], drop_prob: float, fc_dims: tuple[int, ...],
                  fc_dropout: float) -> None:
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, stem_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(stem_channels), nn.ReLU())
-        blocks = []
-        channels = stem_channels
-        for width in widths:
-            blocks.append(BasicBlock(channels, width, stride=2, dropout_rate=drop_prob))
-            channels = width
-        self.blocks = nn.Sequential(*blocks)
+        self.stem, self.blocks, channels = residual_trunk(in_chans, stem_channels, widths, drop_prob)
         self.pool = nn.AdaptiveAvgPool2d(1)
         head: list[nn.Module] = []
         for dim in fc_dims:
@@ -172,11 +160,7 @@ class EmotionRecognitionNet(nn.Module):
             channels = processing_width
         self.se = SqueezeExcite(channels, se_reduction)
         in_features = channels * side * side
-        fc_blocks = []
-        for dim in fc_dims:
-            fc_blocks.append(linear_bn_act(in_features, dim, dropout_rate=fc_dropout))
-            in_features = dim
-        self.fc_blocks = nn.Sequential(*fc_blocks)
+        self.fc_blocks, in_features = linear_bn_act_stack(in_features, fc_dims, fc_dropout)
         self.classifier = nn.Linear(in_features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fer_lib.models.blocks import BasicBlock, init_resnet_weights, make_stage
+from fer_lib.models.blocks import init_resnet_weights, make_stage, residual_trunk
 from fer_lib.models.registry import register_model
 
 SOURCE = "report-003"
@@ -190,15 +190,7 @@ class SmallResNet(nn.Module):
     def __init__(self, in_chans: int, num_classes: int, stem_channels: int,
                  widths: tuple[int, ...], dropout_rate: float, block_dropout: float) -> None:
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, stem_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(stem_channels), nn.ReLU())
-        blocks = []
-        channels = stem_channels
-        for width in widths:
-            blocks.append(BasicBlock(channels, width, stride=2, dropout_rate=block_dropout))
-            channels = width
-        self.blocks = nn.Sequential(*blocks)
+        self.stem, self.blocks, channels = residual_trunk(in_chans, stem_channels, widths, block_dropout)
         self.dropout = nn.Dropout(dropout_rate)
         self.fc = nn.Linear(channels, num_classes)
         init_resnet_weights(self)
