@@ -149,6 +149,43 @@ class SweepSpace:
             target[param.path[-1]] = value
         return nested, flat
 
+    def encode(self, flat: Mapping[str, Any]) -> dict[str, Any]:
+        """Flat parameter values -> Optuna's raw values (for enqueueing a known configuration).
+
+        Names not given are left for the sampler; an unknown name, a value outside a
+        parameter's range or not among its `values` raises SweepConfigError naming it.
+        """
+        by_name = {param.name: param for param in self.params}
+        raw: dict[str, Any] = {}
+        for name, value in flat.items():
+            param = by_name.get(name)
+            if param is None:
+                raise SweepConfigError(f"initial parameter {name!r} is not in the sweep config "
+                                       f"(parameters: {', '.join(by_name)})")
+            if param.is_fixed:
+                if value != param.fixed:
+                    raise SweepConfigError(f"initial parameter {name!r}={value!r} differs from the "
+                                           f"config's fixed value {param.fixed!r}")
+                continue
+            value = _plain(value)
+            if param.choices is not None:
+                if value not in param.choices:
+                    raise SweepConfigError(f"initial parameter {name!r}={value!r} is not one of "
+                                           f"its values {param.choices}")
+                raw[name] = param.choices.index(value)
+                continue
+            distribution = param.distribution
+            choices = getattr(distribution, "choices", None)
+            if choices is not None:
+                if value not in choices:
+                    raise SweepConfigError(f"initial parameter {name!r}={value!r} is not one of "
+                                           f"its values {list(choices)}")
+            elif not distribution.low <= value <= distribution.high:
+                raise SweepConfigError(f"initial parameter {name!r}={value!r} is outside its range "
+                                       f"[{distribution.low}, {distribution.high}]")
+            raw[name] = value
+        return raw
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
@@ -498,6 +535,7 @@ def run_sweep(
     progress: bool = True,
     tracker_factory: TrackerFactory | None = None,
     raise_on_error: bool = False,
+    initial_params: Mapping[str, Any] | None = None,
 ) -> SweepResult:
     """Run a W&B sweep config: W&B's agent when online and logged in, else Optuna locally.
 
@@ -512,8 +550,19 @@ def run_sweep(
     on (raise_on_error=True re-raises instead); if no trial completes, RuntimeError.
     tracker_factory(project, config, *, mode, run_dir, name, group, job_type, tags) replaces
     init_tracker (tests use it to avoid starting W&B runs).
+    initial_params: flat parameter values (e.g. the report's best run) tried as the first
+    trial, parameters left out being sampled. Why: a 2-3 trial sweep on a budget can
+    otherwise miss every good region and hand the final run a configuration that does not
+    learn; starting from the known one means the sweep can only improve on it (on the
+    validation split). Optuna path only (random/bayes); W&B's agent cannot be seeded, so
+    there it is ignored with a warning.
     """
     space = sweep_config_to_optuna(sweep_config, seed=seed)
+    initial_raw = None
+    if initial_params:
+        if space.method == "grid":
+            raise SweepConfigError("initial_params: a grid sweep already runs every combination")
+        initial_raw = space.encode(initial_params)
     folder = Path(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     resolved = tracking.resolve_mode(mode)
@@ -522,6 +571,9 @@ def run_sweep(
     n_trials = _trial_count(space, count, sweep_config.get("run_cap"))
 
     if resolved == "online" and tracking.has_api_key() and tracker_factory is None:
+        if initial_raw is not None:
+            warnings.warn("initial_params are not passed to W&B's sweep agent; its first trial "
+                          "is sampled like the others", tracking.TrackingWarning, stacklevel=2)
         try:
             result = _run_with_wandb_agent(sweep_config, space, train_fn, n_trials, project,
                                            folder, sweep_name, raise_on_error)
@@ -534,7 +586,7 @@ def run_sweep(
     trial_mode = "offline" if resolved == "online" else resolved
     result = _run_with_optuna(space, train_fn, n_trials, project, trial_mode, folder, sweep_name,
                               progress, tracker_factory or _default_tracker_factory,
-                              raise_on_error)
+                              raise_on_error, initial_raw)
     _save_result(result)
     return result
 
@@ -570,6 +622,7 @@ def _run_with_optuna(
     progress: bool,
     tracker_factory: TrackerFactory,
     raise_on_error: bool,
+    initial_raw: dict[str, Any] | None = None,
 ) -> SweepResult:
     import optuna
     from tqdm.auto import tqdm
@@ -649,6 +702,8 @@ def _run_with_optuna(
         study = optuna.create_study(direction=space.goal, sampler=space.sampler,
                                     pruner=space.pruner or optuna.pruners.NopPruner(),
                                     study_name=sweep_name)
+        if initial_raw:
+            study.enqueue_trial(initial_raw)
         study.optimize(objective, n_trials=n_trials, catch=(_TrialFailed,),
                        callbacks=[on_trial_end])
     finally:

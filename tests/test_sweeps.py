@@ -368,3 +368,37 @@ def test_offline_sweep_logs_each_trial_as_its_own_run(tmp_path, monkeypatch):
         assert len(list((tmp_path / "sweep" / os.path.basename(trial_dir) / "wandb")
                         .glob("offline-run-*"))) == 1
     assert not any(files for _, _, files in os.walk(home))
+
+
+@pytest.mark.parametrize("method", ["random", "bayes"])
+def test_initial_params_run_first_and_others_are_sampled(method, factory, tmp_path):
+    config = _config(method, {"x": {"min": -4.0, "max": 4.0},
+                              "k": {"values": [[3, 3], [5, 5]]},
+                              "bs": {"values": [32, 64]},
+                              "lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1.0}})
+    seen = []
+
+    def train(params, tracker):
+        seen.append(params)
+        return {"loss": (params["x"] - 1.0) ** 2}
+
+    result = sweeps.run_sweep(config, train, count=3, seed=0, run_dir=tmp_path, mode="disabled",
+                              progress=False, tracker_factory=factory,
+                              initial_params={"x": 1.0, "k": [5, 5], "bs": 64})
+    first = seen[0]
+    assert (first["x"], first["k"], first["bs"]) == (1.0, [5, 5], 64)
+    assert 1e-4 <= first["lr"] <= 1.0  # left out: sampled
+    assert len(seen) == 3 and result.best_value == 0.0 and result.best_params["k"] == [5, 5]
+
+
+@pytest.mark.parametrize("initial, message", [
+    ({"y": 1.0}, "'y' is not in the sweep config"),
+    ({"x": 9.0}, r"'x'=9.0 is outside its range \[-4.0, 4.0\]"),
+    ({"bs": 48}, "'bs'=48 is not one of its values"),
+])
+def test_bad_initial_params_name_the_parameter(initial, message, factory, tmp_path):
+    config = _config("bayes", {"x": {"min": -4.0, "max": 4.0}, "bs": {"values": [32, 64]}})
+    with pytest.raises(sweeps.SweepConfigError, match=message):
+        sweeps.run_sweep(config, quadratic, count=2, run_dir=tmp_path, mode="disabled",
+                         progress=False, tracker_factory=factory, initial_params=initial)
+    assert not list(tmp_path.iterdir())  # nothing ran, nothing written
