@@ -66,25 +66,33 @@ def resolve_run_dir(run_dir: str | os.PathLike | None, notebook: str) -> Path:
     return path.resolve()
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` via a temporary file in the same folder and os.replace.
+
+    Readers (and a crash halfway) see either the old file or the new one, never half of it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_results(run_dir: str | os.PathLike, results: dict[str, Any]) -> Path:
     """Write `results` as JSON into `run_dir/results.json`, atomically.
 
     Values must be JSON-serialisable (numbers, strings, lists, dicts); NaN becomes null so the
     file stays valid JSON for every reader.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / RESULTS_FILE
     text = json.dumps(_clean(results), indent=2, sort_keys=True)
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".results-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(Path(run_dir) / RESULTS_FILE, text + "\n")
 
 
 def read_results(run_dir: str | os.PathLike) -> dict[str, Any]:

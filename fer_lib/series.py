@@ -140,7 +140,7 @@ def run_series(profile: str = "auto", *, notebooks: list[str] | None = None,
     import pandas as pd
 
     from fer_lib.evaluation import to_markdown
-    from fer_lib.results import collect_results, plot_results
+    from fer_lib.results import atomic_write_text, collect_results, plot_results
 
     profile = pick_profile(profile)
     out_root = Path(out_dir).resolve() / profile
@@ -157,7 +157,7 @@ def run_series(profile: str = "auto", *, notebooks: list[str] | None = None,
         timing = run_notebook(name, profile, out_root, data_path=data_path, wandb_mode=wandb_mode)
         print(f"--- {name}: {timing['seconds']:.0f} s ---", flush=True)
         timings.append(timing)
-    pd.DataFrame(timings).to_csv(out_root / "timings.csv", index=False)
+    atomic_write_text(out_root / "timings.csv", pd.DataFrame(timings).to_csv(index=False))
 
     table = collect_results(out_root)
     seconds = {t["notebook"]: t["seconds"] for t in timings}
@@ -169,7 +169,7 @@ def run_series(profile: str = "auto", *, notebooks: list[str] | None = None,
     header = (f"# FER2013 notebook series: profile '{profile}'\n\n"
               "Ours: selected on PublicTest (val), reported once on PrivateTest (test), in %. "
               "Report claims use the reports' own splits.\n\n")
-    (out_root / "summary.md").write_text(header + to_markdown(shown, floatfmt=".1f") + "\n")
+    atomic_write_text(out_root / "summary.md", header + to_markdown(shown, floatfmt=".1f") + "\n")
     fig = plot_results(table.assign(test_accuracy=table["test_accuracy"] / 100.0))
     fig.savefig(out_root / "summary.png", dpi=120)
     print((out_root / "summary.md").read_text(), flush=True)

@@ -828,17 +828,19 @@ def _save_result(result: SweepResult) -> None:
     """sweep_trials.csv + sweep.json in the sweep folder, for notebooks that come later."""
     import json
 
+    from fer_lib.results import atomic_write_text
+
     if result.run_dir is None:
         return
     try:
-        result.table.to_csv(result.run_dir / "sweep_trials.csv", index=False)
+        atomic_write_text(result.run_dir / "sweep_trials.csv", result.table.to_csv(index=False))
         summary = {"sweep_name": result.sweep_name, "method": result.method,
                    "engine": result.engine, "sweep_id": result.sweep_id,
                    "metric": result.metric_name, "goal": result.goal,
                    "best_value": result.best_value,
                    "best_params": tracking._jsonable(result.best_params),
                    "trials": int(len(result.table))}
-        (result.run_dir / "sweep.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        atomic_write_text(result.run_dir / "sweep.json", json.dumps(summary, indent=2))
     except OSError as error:
         warnings.warn(f"could not save the sweep summary in {result.run_dir}: {error}",
                       tracking.TrackingWarning, stacklevel=3)
