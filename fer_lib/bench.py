@@ -1,6 +1,7 @@
 """Throughput bench: seed-style PIL pipeline vs this engine vs the bare model step.
 
     python -m fer_lib.bench [--model exp3_cnn] [--seconds 20] [--batch-size 64] [--json]
+    python -m fer_lib.bench --compare-precision [--epochs 2] [--images 6000]
 
 Three ways to train the same model (same initial weights, Adam lr 1e-3, flip + rotation 10)
 measured side by side in one process, in training images per second:
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["run_bench", "seed_style_curve", "main"]
+__all__ = ["run_bench", "compare_precision", "seed_style_curve", "main"]
 
 
 class _SeedStyleDataset(torch.utils.data.Dataset):
@@ -281,6 +282,48 @@ def run_bench(model: str = "exp3_cnn", *, seconds: float = 20.0, batch_size: int
     return result
 
 
+def compare_precision(model: str = "exp3_cnn", *, precisions: tuple[str, ...] = ("fp32", "bf16"),
+                      epochs: int = 2, n_images: int | None = 6000, batch_size: int = 64,
+                      data_path: str | None = None, device: str = "auto", seed: int = 0,
+                      max_steps_per_epoch: int | None = None, verbose: bool = True) -> dict[str, Any]:
+    """Does bf16 cost accuracy? The same short run (same seed, weights, data order) per precision.
+
+    Trains `model` the experiment-3 way (Adam lr 1e-3, flip + rotation 10) on a seeded
+    stratified `n_images` share of Training and reports PublicTest accuracy per precision;
+    PrivateTest is not touched. Returns {"runs": [...], "accuracy_delta": bf16 - fp32, ...}.
+    """
+    from fer_lib.data import load_fer2013, stratified_subsample
+    from fer_lib.training import TrainConfig, fit
+
+    data = load_fer2013(data_path)
+    train = data.train
+    if n_images is not None and n_images < len(train):
+        train = train.subset(stratified_subsample(train.labels, n_images / len(train), seed=seed))
+    runs = []
+    for precision in precisions:
+        config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=1e-3, augment="exp3", seed=seed,
+                             device=device, precision=precision, max_steps_per_epoch=max_steps_per_epoch,
+                             progress="plain" if verbose else False, checkpoint_every_epoch=False)
+        start = time.perf_counter()
+        result = fit(model, train, data.val, config)
+        last = result.history[-1]
+        runs.append({"precision": result.setup.precision, "val_accuracy": round(100 * result.best_val_accuracy, 2),
+                     "last_train_loss": round(last["train_loss"], 4),
+                     "train_img_s": round(float(np.mean([h["img_per_s"] for h in result.history])), 1),
+                     "seconds": round(time.perf_counter() - start, 1)})
+        if verbose:
+            print(f"{precision:>5}: PublicTest {runs[-1]['val_accuracy']:.2f}%  last train loss "
+                  f"{runs[-1]['last_train_loss']:.4f}  {runs[-1]['train_img_s']:,.0f} img/s  "
+                  f"{runs[-1]['seconds']:.0f} s", flush=True)
+    out = {"model": model, "epochs": epochs, "train_images": len(train), "device": str(result.setup.device),
+           "torch": str(torch.__version__), "runs": runs}
+    by = {r["precision"]: r for r in runs}
+    if "fp32" in by and "bf16" in by:
+        out["accuracy_delta"] = round(by["bf16"]["val_accuracy"] - by["fp32"]["val_accuracy"], 2)
+        out["speed_ratio"] = round(by["bf16"]["train_img_s"] / by["fp32"]["train_img_s"], 3)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m fer_lib.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="exp3_cnn", help="registered model name (default exp3_cnn)")
@@ -294,7 +337,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 0.5 s per path on 256 generated images")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
+    parser.add_argument("--compare-precision", action="store_true",
+                        help="instead: train a short run in fp32 and in bf16, print PublicTest accuracy")
+    parser.add_argument("--epochs", type=int, default=2, help="--compare-precision: epochs per run")
+    parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="--compare-precision: smoke runs")
     args = parser.parse_args(argv)
+    if args.compare_precision:
+        result = compare_precision(args.model, epochs=args.epochs, batch_size=args.batch_size,
+                                   n_images=args.images if args.images is not None else 6000,
+                                   device=args.device,
+                                   max_steps_per_epoch=args.max_steps_per_epoch, verbose=not args.json)
+        print(json.dumps(result), flush=True)
+        return result
     seconds, images, data, warmup, rounds = args.seconds or 20.0, args.images, args.data, 5, args.rounds
     if args.quick:
         seconds, images, data, warmup, rounds = args.seconds or 0.5, images or 256, "synthetic", 1, 1
