@@ -135,8 +135,11 @@ def run_notebook(name: str, profile: str, out_root: Path, *, data_path: str | No
 
 def run_series(profile: str = "auto", *, notebooks: list[str] | None = None,
                out_dir: str | os.PathLike = "runs", data_path: str | None = None,
-               wandb_mode: str | None = None) -> Path:
-    """Run the notebooks in order and write the series summary; return the profile's folder."""
+               wandb_mode: str | None = None, overrides: dict[str, Any] | None = None) -> Path:
+    """Run the notebooks in order and write the series summary; return the profile's folder.
+
+    overrides: parameters set in every notebook on top of the profile's (e.g. data_fraction).
+    """
     import pandas as pd
 
     from fer_lib.evaluation import to_markdown
@@ -154,9 +157,11 @@ def run_series(profile: str = "auto", *, notebooks: list[str] | None = None,
     timings = []
     for name in names:
         print(f"--- {name} ---", flush=True)
-        timing = run_notebook(name, profile, out_root, data_path=data_path, wandb_mode=wandb_mode)
+        timing = run_notebook(name, profile, out_root, data_path=data_path, wandb_mode=wandb_mode,
+                              overrides=overrides)
         print(f"--- {name}: {timing['seconds']:.0f} s ---", flush=True)
-        timings.append(timing)
+        # relative to the series folder, so the file reads the same on every machine
+        timings.append({**timing, "output": str(Path(timing["output"]).relative_to(out_root))})
     atomic_write_text(out_root / "timings.csv", pd.DataFrame(timings).to_csv(index=False))
 
     table = collect_results(out_root)
@@ -166,7 +171,11 @@ def run_series(profile: str = "auto", *, notebooks: list[str] | None = None,
         table[col] = table[col].astype(float) * 100.0
     shown = table[["notebook", "model", "val_accuracy", "test_accuracy", "macro_f1",
                    "claim_accuracy", "claim_metric", "wall_seconds"]]
+    from fer_lib.recipes import machine_description
+
+    total = sum(t["seconds"] for t in timings)
     header = (f"# FER2013 notebook series: profile '{profile}'\n\n"
+              f"{len(timings)} notebooks in {total / 60:.1f} minutes on {machine_description()}.\n\n"
               "Ours: selected on PublicTest (val), reported once on PrivateTest (test), in %. "
               "Report claims use the reports' own splits.\n\n")
     atomic_write_text(out_root / "summary.md", header + to_markdown(shown, floatfmt=".1f") + "\n")

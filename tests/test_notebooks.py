@@ -117,3 +117,22 @@ def test_notebook_runs_headless_in_smoke_profile(name, smoke_data, tmp_path, mon
     assert results
     if name != "01_data_exploration":
         assert 0.0 <= results["test_accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_run_series_writes_portable_timings_and_a_summary(smoke_data, tmp_path, monkeypatch):
+    from fer_lib.series import run_series
+
+    data_path, overrides = smoke_data
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    root = run_series("smoke", notebooks=["02_mlp_baseline"], out_dir=tmp_path / "runs",
+                      data_path=data_path, overrides=overrides)
+    assert root == (tmp_path / "runs" / "smoke").resolve()
+    timings = (root / "timings.csv").read_text().splitlines()
+    assert timings[0] == "notebook,seconds,output"
+    name, seconds, output = timings[1].split(",")
+    assert name == "02_mlp_baseline" and float(seconds) > 0
+    assert output == "02_mlp_baseline/02_mlp_baseline.ipynb"  # relative: no machine path
+    summary = (root / "summary.md").read_text()
+    assert "1 notebooks in" in summary and "02_mlp_baseline" in summary
+    assert (root / "summary.png").stat().st_size > 0
