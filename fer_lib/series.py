@@ -32,9 +32,9 @@ NOTEBOOKS = (
 # Overrides per profile; a notebook not listed runs with its own parameters cell.
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "full": {name: {} for name in NOTEBOOKS},
-    # Budget: the whole series in about 40 minutes on 2 CPU cores (measured per notebook
-    # and reported in the README). Every final run trains on all of Training; sweeps train
-    # each trial for one epoch on a stratified share of it.
+    # Budget: the whole series in <= 45 minutes on 2 CPU cores (measured: 43.1 minutes on a
+    # 2-core AVX2 EPYC, per notebook in the README). Every final run trains on all of
+    # Training; sweeps train each trial for one epoch on a stratified share of it.
     "cpu": {
         "01_data_exploration": {},
         "02_mlp_baseline": {"epochs": 10},
