@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from fer_lib.data import FER2013, stratified_subsample
@@ -79,6 +80,10 @@ def run_experiment(name: str, data: FER2013, model_name: str, config: TrainConfi
     run_dir.mkdir(parents=True, exist_ok=True)
     model_kwargs = dict(model_kwargs or {})
     tta = tta or config.tta
+    # fit seeds the data order and augmentation; the initial weights are drawn here, so seed
+    # them too, or a run would depend on what the process drew before (a notebook's earlier
+    # cells, the previous seed of `reproduce`).
+    torch.manual_seed(config.seed)
     model = create_model(model_name, num_classes=len(data.class_names), **model_kwargs)
     tracker = init_tracker(project, {**config.to_dict(), "model": model_name, **model_kwargs},
                            mode=wandb_mode, run_dir=run_dir, name=name, job_type="train")
@@ -146,6 +151,7 @@ def sweep_objective(data: FER2013, model_name: str, base_config: TrainConfig, *,
         if epochs is not None:
             config_updates["epochs"] = epochs
         config = replace(base_config, **config_updates, checkpoint_every_epoch=False)
+        torch.manual_seed(config.seed)  # initial weights independent of earlier trials
         model = create_model(model_name, num_classes=len(data.class_names),
                              **{**(model_kwargs or {}), **trial_kwargs})
         fitted = fit(model, train, data.val, config, tracker=tracker)
