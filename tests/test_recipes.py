@@ -74,3 +74,16 @@ def test_ensemble_of_seeds_averages_softmax_over_members(monkeypatch, tmp_path):
     assert list(table["test_accuracy"]) == [50.0, 50.0]
     assert summary["ensemble"]["test_accuracy"] == 100.0
     assert summary["test_accuracy"]["mean"] == 50.0
+
+
+def test_machine_description_names_the_hardware_and_torch():
+    import os
+
+    import torch
+
+    from fer_lib.recipes import machine_description
+
+    text = machine_description()
+    assert torch.__version__ in text
+    if not torch.cuda.is_available():
+        assert f"{os.cpu_count()} cores" in text and not text.startswith(" ")
