@@ -24,7 +24,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-__all__ = ["DeviceSetup", "resolve_device", "cpu_has_bf16", "progress_mode", "EpochProgress"]
+__all__ = ["DeviceSetup", "resolve_device", "cpu_has_bf16", "machine_description", "progress_mode",
+           "EpochProgress"]
 
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -60,22 +61,40 @@ class DeviceSetup:
         return f"{self.device} {self.precision}{' channels_last' if self.channels_last else ''}{' compiled' if self.compile else ''}"
 
 
-@lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 matmul instructions (avx512_bf16 or AMX)."""
+def _cpuinfo(key: str) -> str | None:
+    """The value of the first `key` line of /proc/cpuinfo (Linux), or None."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return None
+
+
+@lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 matmul instructions (avx512_bf16 or AMX)."""
+    flags = _cpuinfo("flags")
+    if flags is not None:
+        return bool(set(flags.split()) & {"avx512_bf16", "amx_bf16"})
     # no /proc (macOS, Windows): ask oneDNN, which checks the same instructions
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def machine_description() -> str:
+    """One line naming the hardware a figure came from (GPU name, or CPU model and cores)."""
+    import platform
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    # platform.processor() is often empty on Linux; /proc/cpuinfo has the model name
+    cpu = _cpuinfo("model name") or platform.processor() or platform.machine()
+    return f"{cpu} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def _has_conv(model: nn.Module | None) -> bool:

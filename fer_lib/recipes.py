@@ -13,12 +13,12 @@ Every hyperparameter is visible in RECIPES below; nothing is tuned on PrivateTes
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fer_lib.device import machine_description
 from fer_lib.training import TrainConfig
 
 
@@ -155,29 +155,6 @@ def summary_markdown(table, summary: dict[str, Any], labels: str = "fer2013") ->
                      f"accuracy {ens['test_accuracy']:.2f} %, macro-F1 {ens['test_macro_f1']:.2f} %"
                      f" (PublicTest {ens['val_accuracy']:.2f} %)")
     return "\n".join(lines) + "\n"
-
-
-def machine_description() -> str:
-    """One line naming the hardware a figure came from."""
-    import os
-
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return f"{_cpu_name()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
-
-
-def _cpu_name() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo; platform.processor() is often empty)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:

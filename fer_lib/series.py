@@ -142,6 +142,7 @@ def run_series(profile: str = "auto", *, notebooks: list[str] | None = None,
     """
     import pandas as pd
 
+    from fer_lib.device import machine_description
     from fer_lib.evaluation import to_markdown
     from fer_lib.results import atomic_write_text, collect_results, plot_results
 
@@ -171,8 +172,6 @@ def run_series(profile: str = "auto", *, notebooks: list[str] | None = None,
         table[col] = table[col].astype(float) * 100.0
     shown = table[["notebook", "model", "val_accuracy", "test_accuracy", "macro_f1",
                    "claim_accuracy", "claim_metric", "wall_seconds"]]
-    from fer_lib.recipes import machine_description
-
     total = sum(t["seconds"] for t in timings)
     header = (f"# FER2013 notebook series: profile '{profile}'\n\n"
               f"{len(timings)} notebooks in {total / 60:.1f} minutes on {machine_description()}.\n\n"

@@ -81,7 +81,7 @@ def test_machine_description_names_the_hardware_and_torch():
 
     import torch
 
-    from fer_lib.recipes import machine_description
+    from fer_lib.device import machine_description
 
     text = machine_description()
     assert torch.__version__ in text
