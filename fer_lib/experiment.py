@@ -12,13 +12,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from fer_lib.data import FER2013, stratified_subsample
-from fer_lib.evaluation import classification_metrics
+from fer_lib.evaluation import classification_metrics, ensemble_probs
 from fer_lib.models import create_model
 from fer_lib.results import write_results
 from fer_lib.tracking import init_tracker
@@ -51,6 +51,8 @@ class ExperimentResult:
     test_preds: Any  # predicted class per PrivateTest image
     results: dict[str, Any]  # what results.json holds
     run_dir: Path
+    val_logits: Any = None  # (N, C) CPU tensors of the final evaluation (with its TTA), kept
+    test_logits: Any = None  # so ensembles need no second pass over the splits
 
 
 def split_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -127,7 +129,26 @@ def run_experiment(name: str, data: FER2013, model_name: str, config: TrainConfi
         tracker.finish()
     write_results(run_dir, results)
     return ExperimentResult(name, model_name, fitted.model, fitted, val, test,
-                            test_eval["preds"], results, run_dir)
+                            test_eval["preds"], results, run_dir,
+                            val_logits=val_eval["logits"], test_logits=test_eval["logits"])
+
+
+def ensemble_metrics(members: Sequence[ExperimentResult], data: FER2013) -> dict[str, dict[str, Any]]:
+    """Softmax-average ensemble of finished runs: classification_metrics per split ("val", "test").
+
+    Uses each member's logits from its own final evaluation (same TTA), so no model runs
+    again. Every member counts equally: nothing is chosen on PrivateTest.
+    """
+    if not members:
+        raise ValueError("ensemble_metrics needs at least one member")
+    metrics = {}
+    for split in ("val", "test"):
+        logits = [getattr(member, f"{split}_logits") for member in members]
+        if any(member_logits is None for member_logits in logits):
+            raise ValueError(f"a member has no {split} logits (not made by run_experiment)")
+        preds = ensemble_probs(logits).argmax(dim=1).numpy()
+        metrics[split] = classification_metrics(getattr(data, split).labels, preds, data.class_names)
+    return metrics
 
 
 def sweep_objective(data: FER2013, model_name: str, base_config: TrainConfig, *,

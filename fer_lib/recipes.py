@@ -101,16 +101,13 @@ def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
     import numpy as np
     import pandas as pd
 
-    from fer_lib.evaluation import classification_metrics, ensemble_probs
-    from fer_lib.training import predict_logits
+    from fer_lib.experiment import ensemble_metrics
 
-    rows, val_logits, test_logits = [], [], []
+    rows, members = [], []
     for seed in seeds:
         result = train_recipe(name, data, run_dir=Path(out_dir) / f"seed{seed}", seed=seed,
                               wandb_mode=wandb_mode, **overrides)
-        tta = result.results["tta"]
-        val_logits.append(predict_logits(result.model, data.val.images, tta=tta))
-        test_logits.append(predict_logits(result.model, data.test.images, tta=tta))
+        members.append(result)
         rows.append({
             "seed": seed,
             "val_accuracy": 100 * result.results["val_accuracy"],
@@ -128,11 +125,8 @@ def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
         summary[col] = {"mean": float(values.mean()),
                         "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
     if len(seeds) > 1:
-        ensemble = {"members": len(seeds)}
-        for split, logits in (("val", val_logits), ("test", test_logits)):
-            labels = getattr(data, split).labels
-            preds = ensemble_probs(logits).argmax(dim=1).numpy()
-            metrics = classification_metrics(labels, preds, data.class_names)
+        ensemble: dict[str, Any] = {"members": len(seeds)}
+        for split, metrics in ensemble_metrics(members, data).items():
             ensemble[f"{split}_accuracy"] = 100 * metrics["accuracy"]
             ensemble[f"{split}_macro_f1"] = 100 * metrics["macro_f1"]
         summary["ensemble"] = ensemble

@@ -34,3 +34,16 @@ def test_sweep_trials_with_equal_params_score_equally(data):
     torch.rand(1000)
     second = train_fn({"learning_rate": 1e-3})
     assert first["best_val_accuracy"] == second["best_val_accuracy"]
+
+
+def test_ensemble_of_one_run_is_that_run_and_needs_its_logits(data, tmp_path):
+    from fer_lib.experiment import ensemble_metrics
+
+    run = run_experiment("a", data, "exp3_cnn", CONFIG, run_dir=tmp_path / "a", wandb_mode="disabled")
+    assert run.test_logits.shape == (len(data.test), len(data.class_names))
+    metrics = ensemble_metrics([run], data)
+    assert metrics["test"]["accuracy"] == run.test["accuracy"]
+    assert metrics["val"]["accuracy"] == run.val["accuracy"]
+    run.val_logits = None
+    with pytest.raises(ValueError, match="no val logits"):
+        ensemble_metrics([run], data)

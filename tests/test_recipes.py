@@ -62,14 +62,12 @@ def test_ensemble_of_seeds_averages_softmax_over_members(monkeypatch, tmp_path):
     data = types.SimpleNamespace(val=split, test=split, class_names=CLASS_NAMES)
 
     def fake_train(name, data, *, run_dir, seed, wandb_mode=None, **overrides):
-        model = types.SimpleNamespace(seed=seed)
         results = {"val_accuracy": 0.5, "test_accuracy": 0.5, "test_macro_f1": 0.4,
                    "seconds": 1.0, "epochs_run": 1, "device": "cpu", "tta": "none"}
-        return types.SimpleNamespace(model=model, results=results)
+        return types.SimpleNamespace(results=results, val_logits=member_logits[seed],
+                                     test_logits=member_logits[seed])
 
     monkeypatch.setattr(recipes, "train_recipe", fake_train)
-    monkeypatch.setattr("fer_lib.training.predict_logits",
-                        lambda model, images, tta="none": member_logits[model.seed])
     table, summary = recipes.reproduce("fast_cpu", [0, 1], data, out_dir=tmp_path)
     assert list(table["test_accuracy"]) == [50.0, 50.0]
     assert summary["ensemble"]["test_accuracy"] == 100.0
