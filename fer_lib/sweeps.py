@@ -168,14 +168,10 @@ class SweepSpace:
                                            f"config's fixed value {param.fixed!r}")
                 continue
             value = _plain(value)
-            if param.choices is not None:
-                if value not in param.choices:
-                    raise SweepConfigError(f"initial parameter {name!r}={value!r} is not one of "
-                                           f"its values {param.choices}")
-                raw[name] = param.choices.index(value)
-                continue
             distribution = param.distribution
-            choices = getattr(distribution, "choices", None)
+            # `values` are either the distribution's own choices or, when they are not plain
+            # types, indices into param.choices
+            choices = param.choices if param.choices is not None else getattr(distribution, "choices", None)
             if choices is not None:
                 if value not in choices:
                     raise SweepConfigError(f"initial parameter {name!r}={value!r} is not one of "
@@ -183,7 +179,7 @@ class SweepSpace:
             elif not distribution.low <= value <= distribution.high:
                 raise SweepConfigError(f"initial parameter {name!r}={value!r} is outside its range "
                                        f"[{distribution.low}, {distribution.high}]")
-            raw[name] = value
+            raw[name] = list(param.choices).index(value) if param.choices is not None else value
         return raw
 
 
