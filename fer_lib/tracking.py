@@ -293,13 +293,13 @@ class Tracker:
         """Set run summary values (final/best numbers); also merged into run_dir/summary.json."""
         clean = _jsonable(dict(values))
         if self.run_dir is not None:
+            from fer_lib.results import atomic_write_text
+
             path = self.run_dir / SUMMARY_FILE
             try:
                 summary = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
                 summary.update(clean)
-                tmp = path.with_suffix(".json.tmp")
-                tmp.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
-                tmp.replace(path)
+                atomic_write_text(path, json.dumps(summary, indent=2, default=str))
             except (OSError, ValueError) as error:
                 warnings.warn(f"could not write {path}: {error}", TrackingWarning, stacklevel=2)
         with self._wandb_call("summary") as active:
