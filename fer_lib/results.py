@@ -52,16 +52,30 @@ REPORT_CLAIMS: dict[str, Claim] = {
 }
 
 
-def resolve_run_dir(run_dir: str | os.PathLike | None, notebook: str) -> Path:
-    """A notebook's run folder: the given one, else `runs/manual/<notebook>/` in the repo.
+def checkout_root() -> Path | None:
+    """The repository folder when fer_lib runs from a checkout (editable install or PYTHONPATH),
+    None when it was installed as a package (site-packages, e.g. in Colab)."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir():
+        return root
+    return None
 
-    Resolved from the package location rather than the working directory, so a notebook
-    writes to the same place whether papermill starts it from the repo root or notebooks/.
+
+def runs_folder() -> Path:
+    """Where run folders go by default: `runs/` in the checkout, else `./runs/` under the
+    working directory (never next to an installed package, where nobody would find them)."""
+    root = checkout_root()
+    return (root if root is not None else Path.cwd()) / "runs"
+
+
+def resolve_run_dir(run_dir: str | os.PathLike | None, notebook: str) -> Path:
+    """A notebook's run folder: the given one, else `runs/manual/<notebook>/` (see runs_folder).
+
+    In a checkout it is resolved from the package location rather than the working directory,
+    so a notebook writes to the same place whether papermill starts it from the repo root or
+    notebooks/.
     """
-    if run_dir is not None:
-        path = Path(run_dir)
-    else:
-        path = Path(__file__).resolve().parent.parent / "runs" / "manual" / notebook
+    path = Path(run_dir) if run_dir is not None else runs_folder() / "manual" / notebook
     path.mkdir(parents=True, exist_ok=True)
     return path.resolve()
 
@@ -133,16 +147,49 @@ def collect_results(runs_dir: str | os.PathLike) -> pd.DataFrame:
                                        "claim_metric"])
 
 
-def claim_row(notebook: str, results: dict[str, Any]) -> pd.DataFrame:
-    """A one-row table: our measured numbers beside the report's claim (for results cells)."""
-    claim = REPORT_CLAIMS.get(notebook)
-    return pd.DataFrame([{
-        "experiment": claim.experiment if claim else notebook,
-        "ours: PublicTest (val) %": _pct(results.get("val_accuracy")),
-        "ours: PrivateTest (test) %": _pct(results.get("test_accuracy")),
-        "report claim %": claim.accuracy if claim else None,
-        "report's protocol": claim.metric if claim else "",
-    }])
+RESULTS_MIMETYPE = "application/vnd.fer-lib.results+json"
+
+
+class ResultRow:
+    """Our measured numbers beside the report's claim, as a notebook's results cell shows them.
+
+    People see a one-row table; the executed notebook also stores the same numbers under
+    RESULTS_MIMETYPE (frontends ignore the type and show the table), so a published series
+    summary can be checked against the notebooks that produced it.
+    """
+
+    def __init__(self, notebook: str, results: dict[str, Any]) -> None:
+        claim = REPORT_CLAIMS.get(notebook)
+        self.record = {
+            "notebook": notebook,
+            "model": results.get("model"),
+            "epochs": results.get("epochs_run"),
+            "val_accuracy": _pct(results.get("val_accuracy")),
+            "test_accuracy": _pct(results.get("test_accuracy")),
+            "macro_f1": _pct(results.get("test_macro_f1")),
+            "claim_accuracy": claim.accuracy if claim else None,
+            "claim_metric": claim.metric if claim else "",
+        }
+        self.frame = pd.DataFrame([{
+            "experiment": claim.experiment if claim else notebook,
+            "ours: PublicTest (val) %": self.record["val_accuracy"],
+            "ours: PrivateTest (test) %": self.record["test_accuracy"],
+            "ours: macro-F1 %": self.record["macro_f1"],
+            "report claim %": self.record["claim_accuracy"],
+            "report's protocol": self.record["claim_metric"],
+        }]).round(2)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        return {"text/plain": repr(self), "text/html": self.frame.to_html(index=False),
+                RESULTS_MIMETYPE: _clean(self.record)}
+
+    def __repr__(self) -> str:
+        return self.frame.to_string(index=False)
+
+
+def claim_row(notebook: str, results: dict[str, Any]) -> ResultRow:
+    """Our measured numbers beside the report's claim (a notebook's results cell shows it)."""
+    return ResultRow(notebook, results)
 
 
 def plot_results(df: pd.DataFrame):

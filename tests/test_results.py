@@ -4,7 +4,7 @@ import json
 import pytest
 
 from fer_lib.experiment import split_params
-from fer_lib.results import REPORT_CLAIMS, claim_row, collect_results, read_results, write_results
+from fer_lib.results import REPORT_CLAIMS, RESULTS_MIMETYPE, claim_row, collect_results, read_results, write_results
 from fer_lib.series import NOTEBOOKS, PROFILES, notebook_parameters
 
 
@@ -34,7 +34,13 @@ def test_collect_results_puts_claims_beside_ours(tmp_path):
     assert list(table["notebook"]) == ["03_cnn", "05_resnet"]
     assert table.loc[0, "claim_accuracy"] == REPORT_CLAIMS["03_cnn"].accuracy == 54.37
     row = claim_row("03_cnn", read_results(tmp_path / "03_cnn"))
-    assert row.iloc[0]["ours: PrivateTest (test) %"] == pytest.approx(52.0)
+    assert row.frame.iloc[0]["ours: PrivateTest (test) %"] == pytest.approx(52.0)
+    bundle = row._repr_mimebundle_()
+    record = bundle[RESULTS_MIMETYPE]
+    assert record["notebook"] == "03_cnn" and record["test_accuracy"] == pytest.approx(52.0)
+    assert record["claim_accuracy"] == 54.37
+    assert "54.37" in bundle["text/html"] and "52.0" in bundle["text/plain"]
+    json.dumps(record)  # what the executed notebook stores must be plain JSON
 
 
 def test_split_params_routes_sweep_names():
