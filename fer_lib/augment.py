@@ -860,15 +860,16 @@ PRESETS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "none": [],
     # report-003 experiment 3: RandomHorizontalFlip(), RandomRotation(10)
     "exp3": [("RandomHorizontalFlip", {"p": 0.5}), ("RandomRotation", {"degrees": 10})],
-    # report-003 experiment 4 names flips, rotations, padding, contrast changes and zooms
-    # without code; this is our reading: flip, rotation 10, pad 4 + crop 48, zoom 0.9-1.1,
-    # contrast 0.2.
+    # report-003 experiment 4: the get_transforms code the report quotes at the start of
+    # experiment 5 ("the previous one"): RandomHorizontalFlip(p=0.5), RandomRotation(10),
+    # ColorJitter(brightness=0.3, contrast=0.3, saturation=0.1, hue=0.1) (saturation and hue
+    # do nothing to grayscale), RandomAffine(degrees=0, scale=(0.8, 1.2)). The prose also
+    # names padding, which that code does not do, so neither do we.
     "exp4": [
         ("RandomHorizontalFlip", {"p": 0.5}),
         ("RandomRotation", {"degrees": 10}),
-        ("RandomCrop", {"size": 48, "padding": 4}),
-        ("RandomAffine", {"degrees": 0, "scale": (0.9, 1.1)}),
-        ("ColorJitter", {"contrast": 0.2}),
+        ("ColorJitter", {"brightness": 0.3, "contrast": 0.3}),
+        ("RandomAffine", {"degrees": 0, "scale": (0.8, 1.2)}),
     ],
     # report-003 experiment 5 (second get_transforms): flip, rotation 15, ColorJitter 0.4,
     # RandomAffine scale 0.7-1.3, RandomErasing p=0.3 scale 0.02-0.15, GaussianBlur 3.

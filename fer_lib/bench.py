@@ -27,13 +27,14 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["run_bench", "compare_precision", "seed_style_curve", "main"]
+__all__ = ["run_bench", "compare_precision", "seed_style_curve", "seed_style_train", "SeedStyleRun", "main"]
 
 
 class _SeedStyleDataset(torch.utils.data.Dataset):
@@ -105,32 +106,143 @@ class _Meter:
         return self.images / max(self.seconds, 1e-9)
 
 
-def _seed_style_step(model, images, labels, batch_size, workers, mean, std):
-    dataset = _SeedStyleDataset(images, labels, mean, std)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                         drop_last=True, persistent_workers=workers > 0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    criterion = nn.CrossEntropyLoss()
-    model.train()
-    state = {"batches": iter(loader), "running": 0.0}
+class _SeedStyleTrainer:
+    """The reports' training step: a DataLoader over per-image PIL transforms, fp32, Adam.
 
-    def step() -> int:
+    `step()` trains on the next batch and returns its size; loss, correct predictions and
+    images accumulate in `loss_sum`, `correct` and `seen` (what the reports' loops printed).
+    """
+
+    def __init__(self, model, images, labels, batch_size, workers, mean, std, *, lr: float = 1e-3,
+                 weight_decay: float = 0.0, device: str | torch.device = "cpu"):
+        dataset = _SeedStyleDataset(images, labels, mean, std)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                             drop_last=True, persistent_workers=workers > 0)
+        self.device = torch.device(device)
+        self.model, self.loader = model.to(self.device), loader
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.criterion = nn.CrossEntropyLoss()
+        self.batches = iter(loader)
+        self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+        model.train()
+
+    def step(self) -> int:
         try:
-            x, y = next(state["batches"])
+            x, y = next(self.batches)
         except StopIteration:
-            state["batches"] = iter(loader)
-            x, y = next(state["batches"])
-        optimizer.zero_grad()
-        loss = criterion(model(x), y)
+            self.batches = iter(self.loader)
+            x, y = next(self.batches)
+        if self.device.type != "cpu":
+            x, y = x.to(self.device), y.to(self.device)
+        self.optimizer.zero_grad()
+        logits = self.model(x)
+        loss = self.criterion(logits, y)
         loss.backward()
-        optimizer.step()
-        state["running"] += loss.item()  # as the seed notebooks did, every step
+        self.optimizer.step()
+        self.loss_sum += loss.item() * x.shape[0]  # as the seed notebooks did, every step
+        self.correct += int((logits.argmax(1) == y).sum())
+        self.seen += x.shape[0]
         return x.shape[0]
 
-    def close() -> None:
-        state.clear()  # drops the iterator: the worker processes exit
+    def close(self) -> None:
+        self.batches = None  # drops the iterator: the worker processes exit
 
-    return step, close
+
+@dataclass
+class SeedStyleRun:
+    """A model trained the reports' way (`seed_style_train`).
+
+    model: the best-PublicTest-epoch weights, in eval mode, on the training device.
+    history: one dict per epoch with fit's keys (epoch, train_loss, train_accuracy, val_loss,
+    val_accuracy, lr, seconds, img_per_s). curve: (wall seconds since the start, val
+    accuracy) per epoch.
+    """
+
+    model: nn.Module
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_val_accuracy: float
+    wall_seconds: float
+    curve: list[tuple[float, float]] = field(default_factory=list)
+
+
+def seed_style_train(data, *, epochs: int | None = None, seconds: float | None = None, model: str = "exp3_cnn",
+                     model_kwargs: dict[str, Any] | None = None, batch_size: int = 64, workers: int = 2,
+                     lr: float = 1e-3, weight_decay: float = 0.0, plateau: tuple[float, int] | None = None,
+                     max_steps_per_epoch: int | None = None, seed: int = 0, device: str | torch.device = "cpu",
+                     verbose: bool = False) -> SeedStyleRun:
+    """Train `model` the reports' way for `epochs` epochs and/or about `seconds`; keep the best epoch.
+
+    The reports' pipeline: PIL transforms per image (flip + rotation 10) in a DataLoader with
+    `workers` processes, fp32 on `device` (the batches go there as the reports' notebooks
+    sent them to their GPU), Adam(lr, weight_decay), loss.item() every step; PublicTest
+    (data.val) after every epoch, counted in the wall time as `fit` counts its own.
+    plateau: (factor, patience) of a ReduceLROnPlateau on the PublicTest loss, as the reports
+    used; None: a constant learning rate. Training stops after `epochs` epochs or after the
+    epoch that crosses `seconds`, whichever comes first (at least one must be given). The
+    returned model holds the epoch with the best PublicTest accuracy; PrivateTest is not touched.
+    """
+    from fer_lib.augment import MEAN, STD
+    from fer_lib.device import progress_mode
+    from fer_lib.models import create_model
+    from fer_lib.training import _summary_line, evaluate
+
+    if epochs is None and seconds is None:
+        raise ValueError("seed_style_train needs epochs or seconds")
+    steps_per_epoch = len(data.train.labels) // batch_size  # the DataLoader drops the last partial batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(data.train.labels)} training images make no full batch of {batch_size}")
+    if max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, max_steps_per_epoch)
+    torch.manual_seed(seed)
+    net = create_model(model, num_classes=len(data.class_names), **(model_kwargs or {}))
+    trainer = _SeedStyleTrainer(net, np.asarray(data.train.images), np.asarray(data.train.labels),
+                                batch_size, workers, MEAN, STD, lr=lr, weight_decay=weight_decay, device=device)
+    scheduler = None
+    if plateau is not None:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(trainer.optimizer, mode="min", factor=plateau[0],
+                                                               patience=plateau[1])
+    plain = verbose and progress_mode(True) != "off"
+    if plain:
+        print(f"training the reports' way: {trainer.device} fp32, PIL transforms, DataLoader workers={workers}: "
+              f"{len(data.train.labels):,} images, {steps_per_epoch} steps/epoch", flush=True)
+    history: list[dict[str, float]] = []
+    curve: list[tuple[float, float]] = []
+    best_epoch, best_acc, best_state = 0, -1.0, None
+    start = time.perf_counter()
+    try:
+        epoch = 0
+        while (epochs is None or epoch < epochs) and (seconds is None or time.perf_counter() - start < seconds):
+            epoch += 1
+            epoch_start = time.perf_counter()
+            lr_now = float(trainer.optimizer.param_groups[0]["lr"])
+            trainer.loss_sum, trainer.correct, trainer.seen = 0.0, 0, 0
+            net.train()
+            for _ in range(steps_per_epoch):
+                trainer.step()
+            train_seconds = time.perf_counter() - epoch_start
+            val = evaluate(net, data.val, batch_size=256)
+            if scheduler is not None:
+                scheduler.step(float(val["loss"]))
+            accuracy = float(val["accuracy"])
+            if accuracy > best_acc:
+                best_epoch, best_acc = epoch, accuracy
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            now = time.perf_counter()
+            row = {"epoch": epoch, "train_loss": trainer.loss_sum / max(trainer.seen, 1),
+                   "train_accuracy": trainer.correct / max(trainer.seen, 1), "val_loss": float(val["loss"]),
+                   "val_accuracy": accuracy, "lr": lr_now, "seconds": now - epoch_start,
+                   "img_per_s": trainer.seen / max(train_seconds, 1e-9)}
+            history.append(row)
+            curve.append((now - start, accuracy))
+            if plain:
+                print(_summary_line(row, epochs or epoch), flush=True)
+    finally:
+        trainer.close()
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net.eval()
+    return SeedStyleRun(net, history, best_epoch, best_acc, time.perf_counter() - start, curve)
 
 
 def seed_style_curve(data, *, seconds: float, model: str = "exp3_cnn", batch_size: int = 64,
@@ -138,33 +250,11 @@ def seed_style_curve(data, *, seconds: float, model: str = "exp3_cnn", batch_siz
                      seed: int = 0) -> list[tuple[float, float]]:
     """Train `model` the reports' way for about `seconds`; return (wall seconds, val accuracy).
 
-    The reports' pipeline: PIL transforms per image (flip + rotation 10) in a DataLoader with
-    `workers` processes, fp32, Adam, loss.item() every step; validation after every epoch
-    (counted in the wall time, as `fit` counts its own). The epoch that crosses `seconds` is
-    finished, so the curve ends just past the budget.
+    `seed_style_train` with a time budget (constant lr, the model's default kwargs). The
+    epoch that crosses `seconds` is finished, so the curve ends just past the budget.
     """
-    from fer_lib.augment import MEAN, STD
-    from fer_lib.models import create_model
-    from fer_lib.training import evaluate
-
-    torch.manual_seed(seed)
-    net = create_model(model)
-    step, close = _seed_style_step(net, np.asarray(data.train.images), np.asarray(data.train.labels),
-                                   batch_size, workers, MEAN, STD)
-    steps_per_epoch = len(data.train.labels) // batch_size
-    if max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, max_steps_per_epoch)
-    curve, start = [], time.perf_counter()
-    try:
-        while time.perf_counter() - start < seconds:
-            net.train()
-            for _ in range(steps_per_epoch):
-                step()
-            accuracy = evaluate(net, data.val, batch_size=256)["accuracy"]
-            curve.append((time.perf_counter() - start, float(accuracy)))
-    finally:
-        close()
-    return curve
+    return seed_style_train(data, seconds=seconds, model=model, batch_size=batch_size, workers=workers, lr=lr,
+                            max_steps_per_epoch=max_steps_per_epoch, seed=seed).curve
 
 
 def _engine_step(model, images, labels, batch_size, config_kwargs):
@@ -243,8 +333,8 @@ def run_bench(model: str = "exp3_cnn", *, seconds: float = 20.0, batch_size: int
         f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     engine_fn, setup = _engine_step(copy.deepcopy(base), images, labels, batch_size, config_kwargs)
     bare_fn = _bare_step(copy.deepcopy(base), batch_size, setup, config_kwargs)
-    seed_fn, seed_close = _seed_style_step(copy.deepcopy(base), images, labels, batch_size, workers, MEAN, STD)
-    meters = {"seed": _Meter(seed_fn, warmup_steps), "engine": _Meter(engine_fn, max(1, warmup_steps // 8)),
+    seed_trainer = _SeedStyleTrainer(copy.deepcopy(base), images, labels, batch_size, workers, MEAN, STD)
+    meters = {"seed": _Meter(seed_trainer.step, warmup_steps), "engine": _Meter(engine_fn, max(1, warmup_steps // 8)),
               "bare": _Meter(bare_fn, warmup_steps)}
     # Interleaving the paths in rounds spreads slow drifts of a shared machine over all three.
     try:
@@ -252,7 +342,7 @@ def run_bench(model: str = "exp3_cnn", *, seconds: float = 20.0, batch_size: int
             for meter in meters.values():
                 meter.run(seconds / rounds)
     finally:
-        seed_close()
+        seed_trainer.close()
     seed_ips, engine_ips, bare_ips = (meters[k].img_per_s for k in ("seed", "engine", "bare"))
     say(f"(a) seed-style {seed_ips:9,.0f} img/s  [cpu fp32, PIL transforms, DataLoader workers={workers}]")
     say(f"(b) engine     {engine_ips:9,.0f} img/s  [{setup.describe()}, batched flip+rotation]")
@@ -361,3 +451,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+
+
+def training_estimate(model, train, config, *, epochs: float, steps: int = 6,
+                      verbose: bool = True) -> dict[str, Any]:
+    """Measure a few training steps of `model` with `config` and project the notebook's time.
+
+    epochs: the training work the notebook plans, in epochs over `train` (sweep trials
+    included). Prints one line with the device, precision, measured images/s and the
+    expected minutes, so nobody starts a ten-hour CPU run without knowing. The model is
+    copied; the caller's weights are untouched. Evaluation passes are not counted.
+    """
+    from dataclasses import replace
+
+    from fer_lib.device import machine_description
+    from fer_lib.training import _Engine, resolve_device
+
+    config = replace(config, progress=False, checkpoint_every_epoch=False)
+    model = copy.deepcopy(model)
+    setup = resolve_device(config.device, config.precision, config.channels_last,
+                           compile=config.compile, model=model)
+    images = torch.as_tensor(np.asarray(train.images))
+    labels = torch.as_tensor(np.asarray(train.labels)).long()
+    batch = config.batch_size
+    n = min(len(labels), batch * (steps + 1))
+    x, y = images[:n].to(setup.device), labels[:n].to(setup.device)
+    engine = _Engine(model, config, setup, steps_per_epoch=max(1, len(labels) // batch))
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.arange(n, device=setup.device)
+    engine.train_epoch(0, x, y, None, order[:batch], generator, max_steps=1)  # warm-up step
+    timed = engine.train_epoch(0, x, y, None, order[batch:] if n > batch else order, generator,
+                               max_steps=steps)
+    img_per_s = timed["images"] / max(timed["seconds"], 1e-9)
+    per_epoch = len(labels)
+    if config.max_steps_per_epoch is not None:
+        per_epoch = min(per_epoch, config.max_steps_per_epoch * batch)
+    seconds = epochs * per_epoch / img_per_s
+    result = {"device": str(setup.device), "precision": setup.precision, "img_per_s": img_per_s,
+              "epochs": epochs, "images": int(epochs * per_epoch), "seconds": seconds,
+              "machine": machine_description()}
+    if verbose:
+        print(f"device {setup.describe()} on {result['machine']}: {img_per_s:,.0f} training images/s "
+              f"(measured over {timed['images']} images) -> {epochs:g} epochs x {per_epoch:,} images "
+              f"~ {seconds / 60:.1f} min of training, plus evaluation", flush=True)
+    return result

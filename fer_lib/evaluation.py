@@ -169,8 +169,12 @@ def plot_confusion_matrix(
     return fig
 
 
-def plot_history(history: Sequence[Mapping[str, Any]] | pd.DataFrame) -> Figure:
+def plot_history(history: Sequence[Mapping[str, Any]] | pd.DataFrame, *,
+                 others: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> Figure:
     """Loss and accuracy curves (train vs val) per epoch, plus the learning rate if logged.
+
+    others: label -> another run's history, whose validation accuracy is drawn dashed on the
+    accuracy panel (to compare a run with the previous notebook's).
 
     `history` is the list of per-epoch dicts the training engine returns (keys epoch,
     train_loss, train_accuracy, val_loss, val_accuracy, lr) or a DataFrame of them. Missing
@@ -192,6 +196,13 @@ def plot_history(history: Sequence[Mapping[str, Any]] | pd.DataFrame) -> Figure:
             column = f"{split}_{key}"
             if column in frame and frame[column].notna().any():
                 ax.plot(epochs, frame[column], style, markersize=3, label=split)
+        if key == "accuracy":
+            for label, other in (others or {}).items():
+                other_frame = pd.DataFrame(list(other))
+                if "val_accuracy" in other_frame:
+                    other_epochs = other_frame.get("epoch", pd.Series(range(1, len(other_frame) + 1)))
+                    ax.plot(other_epochs, other_frame["val_accuracy"], "--", alpha=0.7,
+                            label=f"val, {label}")
         if key == "accuracy" and "val_accuracy" in frame and frame["val_accuracy"].notna().any():
             best = frame["val_accuracy"].astype(float).idxmax()  # skips NaN epochs
             ax.axvline(epochs.loc[best], color="grey", linestyle=":", linewidth=1)
@@ -301,6 +312,16 @@ def plot_per_class_f1(per_class_df: pd.DataFrame) -> Figure:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def history_curve(history: Sequence[Mapping[str, Any]]) -> list[tuple[float, float]]:
+    """(cumulative training seconds, validation accuracy) per epoch of a training history."""
+    elapsed, points = 0.0, []
+    for row in history:
+        elapsed += float(row.get("seconds", 0.0))
+        if row.get("val_accuracy") is not None:
+            points.append((elapsed, float(row["val_accuracy"])))
+    return points
 
 
 def plot_time_to_accuracy(curves: Mapping[str, Sequence[tuple[float, float]]]) -> Figure:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import pandas as pd
 import torch
 from torch import nn
 
@@ -21,6 +22,7 @@ from fer_lib.data import FER2013, stratified_subsample
 from fer_lib.evaluation import classification_metrics, ensemble_probs
 from fer_lib.models import create_model
 from fer_lib.results import write_results
+from fer_lib.sweeps import REPORT_SWEEPS, SweepResult, run_sweep
 from fer_lib.tracking import init_tracker
 from fer_lib.training import FitResult, TrainConfig, evaluate, fit
 
@@ -72,11 +74,14 @@ def split_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
 def run_experiment(name: str, data: FER2013, model_name: str, config: TrainConfig, *,
                    run_dir: str | Path, model_kwargs: dict[str, Any] | None = None,
                    wandb_mode: str | None = None, project: str = "fer2013",
-                   tta: str | None = None, extra: dict[str, Any] | None = None) -> ExperimentResult:
+                   tta: str | None = None, extra: dict[str, Any] | None = None,
+                   resume: bool = False) -> ExperimentResult:
     """Train `model_name` on data.train, select on data.val, evaluate data.test once.
 
     tta: test-time augmentation for the final val/test evaluation (default: config.tta).
     extra: more key/values stored in results.json (e.g. the sweep's best parameters).
+    resume: continue from run_dir/last.pt when it exists (a run longer than one sitting; the
+    engine resumes exactly), else start fresh.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -91,8 +96,11 @@ def run_experiment(name: str, data: FER2013, model_name: str, config: TrainConfi
                            mode=wandb_mode, run_dir=run_dir, name=name, job_type="train")
     start = time.perf_counter()
     try:
+        resuming = resume and (run_dir / "last.pt").exists()
+        if resuming:
+            print(f"resuming from {run_dir.name}/last.pt", flush=True)
         fitted = fit(model, data.train, data.val, config, tracker=tracker, run_dir=run_dir,
-                     class_names=data.class_names)
+                     class_names=data.class_names, resume=bool(resuming))
         val_eval = evaluate(fitted.model, data.val, batch_size=config.eval_batch_size, tta=tta)
         # PrivateTest is looked at once, after the epoch was chosen on PublicTest.
         test_eval = evaluate(fitted.model, data.test, batch_size=config.eval_batch_size, tta=tta)
@@ -177,6 +185,246 @@ def sweep_objective(data: FER2013, model_name: str, base_config: TrainConfig, *,
                              **{**(model_kwargs or {}), **trial_kwargs})
         fitted = fit(model, train, data.val, config, tracker=tracker)
         return {metric: fitted.best_val_accuracy, "best_epoch": fitted.best_epoch,
+                "epochs_run": len(fitted.history),
+                "images": sum(row.get("images", 0) for row in fitted.history),
                 "seconds": round(fitted.wall_seconds, 1)}
 
     return train_fn
+
+
+# Notebook parameter names -> the reports' sweep parameter names.
+_SWEEP_NAMES = {"lr": "learning_rate", "batch_size": "batch_size", "weight_decay": "weight_decay",
+                "dropout_rate": "dropout_rate", "label_smoothing": "label_smoothing",
+                "hidden_dim": "hidden_dim"}
+
+
+@dataclass
+class ReportExperiment:
+    """One of report-003's sweep experiments, as notebooks 04-07 run it.
+
+    The protocol: the report's sweep config (fer_lib.sweeps.REPORT_SWEEPS) with the report's
+    best run as the first trial, then a final run with the best trial's parameters on all of
+    Training, selected on PublicTest and reported once on PrivateTest. `sweep_count=0` skips
+    the sweep and trains the report's best run directly (the CPU and report profiles do).
+
+    name: the notebook (its run folder and results); model: a registry name; sweep: a key of
+    REPORT_SWEEPS; report_sweep_epochs: epochs per trial in the report. The hyperparameters
+    (lr, batch_size, weight_decay, dropout_rate, label_smoothing, hidden_dim; None = not used)
+    are the report's best run: the final run's values and the sweep's first trial. The
+    training setup is the reports': Adam, ReduceLROnPlateau on the validation loss (x0.5
+    after `plateau_patience` epochs), early stopping after `patience` epochs without a better
+    PublicTest accuracy. `epochs` bounds every training here: sweep_epochs=None means
+    min(report_sweep_epochs, epochs), so `-p epochs 1` really means one epoch everywhere.
+    """
+
+    name: str
+    model: str
+    sweep: str
+    report_sweep_epochs: int
+    epochs: int
+    lr: float
+    batch_size: int
+    weight_decay: float
+    augment: Any
+    dropout_rate: float | None = None
+    label_smoothing: float | None = None
+    hidden_dim: int | None = None
+    patience: int | None = None
+    plateau_patience: int = 3
+    sweep_count: int = 3
+    sweep_epochs: int | None = None
+    sweep_fraction: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    max_steps_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.sweep not in REPORT_SWEEPS:
+            raise ValueError(f"unknown report sweep {self.sweep!r}; known: {sorted(REPORT_SWEEPS)}")
+        if self.sweep_count < 0:
+            raise ValueError(f"sweep_count must be >= 0, got {self.sweep_count}")
+        searched = set(REPORT_SWEEPS[self.sweep]["parameters"])
+        missing = searched - set(self.report_best)
+        if missing:
+            raise ValueError(f"sweep {self.sweep!r} searches {sorted(missing)}: give the report's "
+                             "value for each (it is the sweep's first trial)")
+
+    @property
+    def report_best(self) -> dict[str, Any]:
+        """The report's best run in the sweep's parameter names (the first trial)."""
+        return {sweep_name: getattr(self, field_name) for field_name, sweep_name in _SWEEP_NAMES.items()
+                if getattr(self, field_name) is not None}
+
+    @property
+    def base(self) -> TrainConfig:
+        """The final run's TrainConfig (before the sweep's best parameters are applied)."""
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                           weight_decay=self.weight_decay, label_smoothing=self.label_smoothing or 0.0,
+                           augment=self.augment, optimizer="adam", scheduler="plateau",
+                           plateau_patience=self.plateau_patience, plateau_factor=0.5,
+                           early_stopping_patience=self.patience, seed=self.seed, device=self.device,
+                           precision=self.precision, max_steps_per_epoch=self.max_steps_per_epoch)
+
+    @property
+    def sweep_config(self) -> dict[str, Any]:
+        return REPORT_SWEEPS[self.sweep]
+
+    @property
+    def trial_epochs(self) -> int:
+        if self.sweep_epochs is not None:
+            return int(self.sweep_epochs)
+        return min(self.report_sweep_epochs, self.epochs)
+
+    def planned_epochs(self) -> float:
+        """Training work in epochs over all of Training (sweep trials at their fraction + final)."""
+        return self.sweep_count * self.trial_epochs * self.sweep_fraction + self.epochs
+
+    def describe(self) -> str:
+        lines = [f"{self.name}: model {self.model}, final run {self.epochs} epochs"]
+        if self.sweep_count:
+            lines.append(f"sweep '{self.sweep}' ({self.sweep_config['method']}): {self.sweep_count} "
+                         f"trials x {self.trial_epochs} epochs on {self.sweep_fraction:.0%} of "
+                         "Training, trial 1 = the report's best run")
+        else:
+            lines.append("sweep skipped (sweep_count=0): the final run trains the report's best run")
+        if self.epochs < self.report_sweep_epochs:
+            lines.append(f"note: {self.epochs} epochs is fewer than the report's "
+                         f"{self.report_sweep_epochs}; expect a lower number than the report's")
+        return "\n".join(lines)
+
+    def estimate(self, data: FER2013) -> dict[str, Any]:
+        """Print device, precision and this notebook's expected training time (a few measured steps)."""
+        from fer_lib.bench import training_estimate
+
+        torch.manual_seed(self.seed)
+        model = create_model(self.model, num_classes=len(data.class_names),
+                             **split_params(self.report_best)[1])
+        print(self.describe(), flush=True)
+        return training_estimate(model, data.train, self.base, epochs=self.planned_epochs())
+
+    def run(self, data: FER2013, *, run_dir: str | Path, wandb_mode: str | None = None,
+            project: str | None = None, resume: bool = False) -> tuple[SweepResult | None, ExperimentResult]:
+        """Sweep (unless sweep_count is 0), then the final run. Returns (SweepResult or None, result)."""
+        run_dir = Path(run_dir)
+        project = project or f"fer2013-{self.name.split('_', 1)[0]}"
+        sweep = None
+        params = dict(self.report_best)
+        if self.sweep_count:
+            objective = sweep_objective(data, self.model, self.base, epochs=self.trial_epochs,
+                                        train_fraction=self.sweep_fraction)
+            sweep = run_sweep(self.sweep_config, objective, initial_params=self.report_best,
+                              count=self.sweep_count, project=project, mode=wandb_mode,
+                              run_dir=run_dir / "sweep", seed=self.seed)
+            params = dict(sweep.best_params)
+            print(f"sweep best {sweep.metric_name} {sweep.best_value:.4f} with {params}", flush=True)
+        config_updates, model_kwargs = split_params(params)
+        config_updates.pop("epochs", None)  # the final run trains for base.epochs
+        config = replace(self.base, **config_updates)
+        result = run_experiment(self.name, data, self.model, config, run_dir=run_dir,
+                                model_kwargs=model_kwargs, wandb_mode=wandb_mode,
+                                extra={"final_params": params,
+                                       "params_from": "sweep" if sweep else "report",
+                                       "sweep_trials": self.sweep_count,
+                                       "sweep_trial_epochs": self.trial_epochs if sweep else 0},
+                                resume=resume)
+        return sweep, result
+
+
+def open_run(notebook: str, *, data_path: str | Path | None = None, data_fraction: float = 1.0,
+             seed: int = 0, run_dir: str | Path | None = None,
+             note: str | None = None) -> tuple[FER2013, Path]:
+    """A notebook's first step: load FER2013 (three standard splits) and make its run folder.
+
+    note: what a profile changed from the report to fit its budget, printed for the reader.
+    """
+    from fer_lib.data import load_fer2013
+    from fer_lib.results import resolve_run_dir
+
+    folder = resolve_run_dir(run_dir, notebook)
+    data = load_fer2013(data_path, fraction=data_fraction, seed=seed)
+    print(f"train {len(data.train):,}  val (PublicTest) {len(data.val):,}  "
+          f"test (PrivateTest) {len(data.test):,}  from {data.source.name}")
+    print(f"run folder: {folder}")
+    if note:
+        print(f"note: {note}")
+    return data, folder
+
+
+def fit_summary(result: ExperimentResult, class_names: Sequence[str]) -> dict[str, Any]:
+    """What the text around a run may claim, computed from the run: the train/val gap at the
+    chosen and the last epoch, and how often the model predicts its most frequent class."""
+    import numpy as np
+
+    history = result.fit.history
+    best = history[max(0, (result.fit.best_epoch or len(history)) - 1)]
+    last = history[-1]
+    counts = np.bincount(np.asarray(result.test_preds), minlength=len(class_names))
+    top = int(counts.argmax())
+    return {
+        "best_epoch": result.fit.best_epoch, "epochs_run": len(history),
+        "train_accuracy_best": best.get("train_accuracy"), "val_accuracy_best": best.get("val_accuracy"),
+        "train_accuracy_last": last.get("train_accuracy"), "val_accuracy_last": last.get("val_accuracy"),
+        "top_class": class_names[top], "top_class_share": float(counts[top] / max(1, counts.sum())),
+    }
+
+
+def show_result(result: ExperimentResult, data: FER2013, *,
+                others: dict[str, Sequence[dict[str, Any]]] | None = None,
+                max_mistakes: int = 16) -> dict[str, Any]:
+    """The plots a reader expects after a run, plus a computed summary line.
+
+    Curves (train and val: the overfitting gap), the PrivateTest confusion matrix, per-class
+    F1, and the most confidently wrong PrivateTest faces. others: label -> history of an
+    earlier run to overlay on the validation curve (04 shows 03's).
+    """
+    from fer_lib.evaluation import (plot_confusion_matrix, plot_history, plot_misclassified,
+                                    plot_per_class_f1)
+
+    summary = fit_summary(result, data.class_names)
+    gap = summary["train_accuracy_last"] - summary["val_accuracy_last"]
+    print(f"this run: {summary['epochs_run']} epochs, best PublicTest epoch {summary['best_epoch']}; "
+          f"last epoch train accuracy {summary['train_accuracy_last']:.1%} vs PublicTest "
+          f"{summary['val_accuracy_last']:.1%} (gap {100 * gap:+.1f} points); "
+          f"PrivateTest predictions: {summary['top_class_share']:.0%} {summary['top_class']}")
+    if summary["top_class_share"] > 0.5:
+        print(f"warning: the model calls more than half of PrivateTest {summary['top_class']}: "
+              "it has collapsed towards one class")
+    plot_history(result.fit.history, others=others)
+    plot_confusion_matrix(result.test["confusion"], data.class_names, normalize=True,
+                          title="PrivateTest, row-normalised")
+    plot_per_class_f1(result.test["per_class"])
+    probs = torch.softmax(result.test_logits.float(), dim=1) if result.test_logits is not None else None
+    plot_misclassified(data.test.images, data.test.labels, result.test_preds, data.class_names,
+                       max_images=max_mistakes, probs=probs)
+    return summary
+
+
+# One short recipe for every registry model, so the zoo is compared on equal terms.
+ZOO_CONFIG = TrainConfig(epochs=5, batch_size=128, lr=2e-3, optimizer="adamw", weight_decay=5e-4,
+                         scheduler="onecycle", label_smoothing=0.1, augment="fast",
+                         checkpoint_every_epoch=False)
+
+
+def zoo_comparison(data: FER2013, *, epochs: int, run_dir: str | Path, names: Sequence[str] | None = None,
+                   seed: int = 0, device: str = "auto", precision: str = "auto",
+                   max_steps_per_epoch: int | None = None,
+                   wandb_mode: str | None = None) -> pd.DataFrame:
+    """Train every registry model (or `names`) with ZOO_CONFIG for `epochs`, standard protocol.
+
+    Returns name, val_accuracy %, test_accuracy %, macro_f1 %, seconds; each model's
+    results.json goes to run_dir/<name>/.
+    """
+    from fer_lib.models import list_models
+
+    config = replace(ZOO_CONFIG, epochs=epochs, seed=seed, device=device, precision=precision,
+                     max_steps_per_epoch=max_steps_per_epoch)
+    rows = []
+    for name in names if names is not None else list_models():
+        print(f"zoo: {name}", flush=True)
+        result = run_experiment(f"zoo-{name}", data, name, config, run_dir=Path(run_dir) / name,
+                                wandb_mode=wandb_mode)
+        rows.append({"name": name, "val_accuracy %": 100 * result.val["accuracy"],
+                     "test_accuracy %": 100 * result.test["accuracy"],
+                     "macro_f1 %": 100 * result.test["macro_f1"], "seconds": result.results["seconds"]})
+    return pd.DataFrame(rows).round(2)

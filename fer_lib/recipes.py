@@ -76,10 +76,11 @@ def get_recipe(name: str) -> Recipe:
 
 
 def train_recipe(name: str, data, *, run_dir: str | Path, seed: int = 0,
-                 wandb_mode: str | None = None, **overrides: Any):
+                 wandb_mode: str | None = None, resume: bool = False, **overrides: Any):
     """Train one recipe once under the standard protocol; returns an ExperimentResult.
 
     overrides: TrainConfig fields to change for this run (e.g. epochs=2 for a smoke run).
+    resume: continue from run_dir/last.pt when it exists.
     """
     from fer_lib.experiment import run_experiment
 
@@ -87,7 +88,7 @@ def train_recipe(name: str, data, *, run_dir: str | Path, seed: int = 0,
     config = replace(recipe.config, seed=seed, **overrides)
     return run_experiment(f"{name}-seed{seed}", data, recipe.model, config, run_dir=run_dir,
                           model_kwargs=recipe.model_kwargs, wandb_mode=wandb_mode,
-                          extra={"recipe": name})
+                          extra={"recipe": name}, resume=resume)
 
 
 def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,

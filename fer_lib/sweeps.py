@@ -75,6 +75,58 @@ UNSUPPORTED_DISTRIBUTIONS = (
 TRIAL_JOB_TYPE = "sweep-trial"
 
 
+# The reports' sweeps as W&B sweep configs (what report-003 passed to wandb.sweep), by the
+# experiment preset they belong to. exp3's was not printed in the report: it is rebuilt from
+# the values its logged runs used. `epochs` and `patience` are left out: the notebooks set
+# them (see fer_lib.experiment.ReportExperiment).
+REPORT_SWEEPS: dict[str, dict[str, Any]] = {
+    "exp3": {
+        "method": "random",
+        "metric": {"name": "best_val_accuracy", "goal": "maximize"},
+        "parameters": {
+            "batch_size": {"values": [32, 64, 128]},
+            "dropout_rate": {"values": [0.2, 0.3]},
+            "hidden_dim": {"values": [64, 128, 256]},
+            "learning_rate": {"values": [0.001, 0.005, 0.01]},
+            "weight_decay": {"values": [1e-6, 1e-5, 1e-4]},
+        },
+    },
+    "exp4": {
+        "method": "bayes",
+        "metric": {"name": "best_val_accuracy", "goal": "maximize"},
+        "parameters": {
+            "learning_rate": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2},
+            "batch_size": {"values": [32, 64, 128]},
+            "dropout_rate": {"distribution": "uniform", "min": 0.3, "max": 0.7},
+            "weight_decay": {"distribution": "log_uniform_values", "min": 1e-6, "max": 1e-3},
+            "label_smoothing": {"distribution": "uniform", "min": 0.0, "max": 0.2},
+        },
+    },
+    "exp5": {
+        "method": "bayes",
+        "metric": {"name": "best_val_accuracy", "goal": "maximize"},
+        "parameters": {
+            "learning_rate": {"distribution": "log_uniform_values", "min": 5e-5, "max": 5e-3},
+            "batch_size": {"values": [32, 64, 128]},
+            "dropout_rate": {"distribution": "uniform", "min": 0.5, "max": 0.8},
+            "weight_decay": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2},
+            "label_smoothing": {"distribution": "uniform", "min": 0.1, "max": 0.3},
+        },
+    },
+    "exp6": {
+        "method": "bayes",
+        "metric": {"name": "best_val_accuracy", "goal": "maximize"},
+        "parameters": {
+            "learning_rate": {"distribution": "log_uniform_values", "min": 5e-4, "max": 5e-3},
+            "batch_size": {"values": [64, 128]},
+            "dropout_rate": {"distribution": "uniform", "min": 0.3, "max": 0.6},
+            "weight_decay": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2},
+            "label_smoothing": {"distribution": "uniform", "min": 0.1, "max": 0.3},
+        },
+    },
+}
+
+
 class SweepConfigError(ValueError):
     """A sweep config that cannot be run; the message names the key or parameter."""
 
@@ -621,7 +673,8 @@ def _run_with_optuna(
     initial_raw: dict[str, Any] | None = None,
 ) -> SweepResult:
     import optuna
-    from tqdm.auto import tqdm
+
+    from fer_lib.device import progress_mode
 
     metric_name = space.metric_name
     rows: list[dict[str, Any]] = []
@@ -683,14 +736,26 @@ def _run_with_optuna(
         row["state"] = "complete"
         return value
 
-    bar = tqdm(total=n_trials, desc=sweep_name, disable=not progress)
+    # Same progress mode as training: a bar only in an interactive Jupyter (a widget in an
+    # executed notebook would store its state in the file), plain lines everywhere else.
+    mode = progress_mode(progress)
+    bar = None
+    if mode == "bar":
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_trials, desc=sweep_name)
 
     def on_trial_end(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
-        bar.update(1)
         complete = [row[metric_name] for row in rows if row.get("state") == "complete"]
-        if complete:
-            best = max(complete) if space.goal == "maximize" else min(complete)
-            bar.set_postfix({metric_name: f"{best:.4g}"})
+        best = (max(complete) if space.goal == "maximize" else min(complete)) if complete else None
+        if bar is not None:
+            bar.update(1)
+            if best is not None:
+                bar.set_postfix({metric_name: f"{best:.4g}"})
+        elif mode == "plain":
+            state = rows[-1].get("state", "?") if rows else "?"
+            shown = f", best {metric_name} {best:.4g}" if best is not None else ""
+            print(f"{sweep_name}: trial {frozen.number + 1}/{n_trials} {state}{shown}", flush=True)
 
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own warnings report failures
@@ -704,7 +769,8 @@ def _run_with_optuna(
                        callbacks=[on_trial_end])
     finally:
         optuna.logging.set_verbosity(verbosity)
-        bar.close()
+        if bar is not None:
+            bar.close()
     return _build_result(rows, nested_params, space, sweep_name, folder, "optuna", errors,
                          study=study)
 
@@ -920,3 +986,13 @@ def plot_sweep(result: SweepResult) -> Figure:
         fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax_params, label=metric)
     fig.tight_layout()
     return fig
+
+
+def show_sweep(sweep: SweepResult | None) -> pd.DataFrame | None:
+    """A notebook's view of a sweep: the plot and the trial table, or a line when it was skipped."""
+    if sweep is None:
+        print("sweep skipped (sweep_count=0): the final run used the report's best configuration")
+        return None
+    print(f"best {sweep.metric_name}: {sweep.best_value:.4f} with {sweep.best_params}")
+    plot_sweep(sweep)
+    return sweep.table

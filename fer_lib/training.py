@@ -643,6 +643,7 @@ def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None
         row["lr"] = lr
         row["seconds"] = time.perf_counter() - epoch_start
         row["img_per_s"] = stats["images"] / max(stats["seconds"], 1e-9)
+        row["images"] = stats["images"]  # trained this epoch: what bounds a run's work
         history.append(row)
 
         stop_now = bool(config.early_stopping_patience) and epoch < config.epochs  # decided below

@@ -1,10 +1,10 @@
 """fernet: our network, designed for time-to-accuracy on 48x48 FER2013.
 
 Target: a few CPU cores with bf16 autocast + channels_last, and GPUs. The layout follows the
-fast CIFAR-10 trainers (airbench, notes/anchors.md): few, wide 3x3 convs; pooling inside each
-stage right after its first conv, so the second conv and the BN/GELU run on the quarter-size
-map; no large FC layer (global max pool -> one bias-free linear), which keeps parameters low
-and the compute in convolutions, where channels_last/bf16 kernels are fast.
+fast CIFAR-10 trainers (airbench, docs/published_results.md): few, wide 3x3 convs; pooling
+inside each stage right after its first conv, so the second conv and the BN/GELU run on the
+quarter-size map; no large FC layer (global max pool -> one bias-free linear), which keeps
+parameters low and the compute in convolutions, where channels_last/bf16 kernels are fast.
 
 Every op here (conv, max pool, BN, GELU, amax/mean, linear) has a channels_last and a bf16
 autocast path; nothing uses .view or in-place ops on views.

@@ -1,4 +1,4 @@
-"""Published record holders on FER2013 (see notes/anchors.md), rebuilt for 48x48 grayscale.
+"""Published record holders on FER2013 (see docs/published_results.md), rebuilt for 48x48 grayscale.
 
 - vgg_khaireddin: Khaireddin & Chen 2021 (arXiv 2105.03588), the VGG variant reported at
   73.28% (selected on PrivateTest; independent re-runs 72.0-72.4%).
@@ -42,7 +42,7 @@ class KhaireddinVGG(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
-@register_model("vgg_khaireddin", source="Khaireddin & Chen 2021 (notes/anchors.md)")
+@register_model("vgg_khaireddin", source="Khaireddin & Chen 2021 (docs/published_results.md)")
 def vgg_khaireddin(num_classes: int = 7, in_chans: int = 1, *, dropout_rate: float = 0.2,
                    fc_dim: int = 4096) -> nn.Module:
     """Khaireddin & Chen (2021) VGG variant, ~30M parameters, for 40x40 crops or 48x48 images.
@@ -85,7 +85,8 @@ class ResNet48(nn.Module):
         return self.fc(self.dropout(x))
 
 
-@register_model("resnet18_48", source="ResNet-18 (He et al. 2016) for 48x48 (notes/anchors.md)")
+@register_model("resnet18_48",
+                source="ResNet-18 (He et al. 2016) for 48x48 (docs/published_results.md)")
 def resnet18_48(num_classes: int = 7, in_chans: int = 1, *, dropout_rate: float = 0.0) -> nn.Module:
     """ResNet-18 for 48x48 grayscale: basic blocks [2,2,2,2], widths 64-128-256-512, ~11.2M.
 

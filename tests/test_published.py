@@ -1,0 +1,140 @@
+"""The committed executed series (executed/<profile>/): complete, portable, and its summary
+table agrees with the notebooks that produced it.
+
+summary.csv is written by `python -m fer_lib series --publish` from the record each notebook's
+results cell displays (claim_row, under fer_lib.results.RESULTS_MIMETYPE). This test reads
+those records back out of the committed notebooks and compares, so a hand-edited or stale
+table fails. Set FER_EXECUTED=<folder> to check a publication somewhere else first.
+"""
+import csv
+import os
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from fer_lib.results import RESULTS_MIMETYPE
+from fer_lib.series import NOTEBOOKS
+
+ROOT = Path(__file__).resolve().parent.parent
+EXECUTED = Path(os.environ.get("FER_EXECUTED") or ROOT / "executed")
+PROFILES = sorted(p.name for p in EXECUTED.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+    if EXECUTED.is_dir() else []
+COLUMNS = ["notebook", "model", "epochs", "val_accuracy", "test_accuracy", "macro_f1",
+           "claim_accuracy", "claim_metric", "wall_seconds", "machine"]
+WITHOUT_RECORD = {"01_data_exploration"}
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+MAX_BYTES = 8 * 1024 * 1024
+
+# An absolute POSIX path with 2+ components ('/' not continuing a word, a relative path or
+# '~', then at least one 'component/'), after removing ANSI colour codes and URLs other than
+# file: URLs; or a Windows drive-letter / UNC path.
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+URL = re.compile(r"\b(?!file:)[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]*")
+POSIX = re.compile(r"(?<![\w.~])/(?:[\w.@+-]+/)+")
+WINDOWS = re.compile(r"(?<!\w)[A-Za-z]:[\\/]|\\\\[\w.$-]+\\")
+BINARY = {"image/png", "image/jpeg", "image/gif", "application/pdf"}
+
+needs_publication = pytest.mark.skipif(
+    not PROFILES, reason=f"no published series yet under {EXECUTED.name}/ "
+                         "(python -m fer_lib series --publish)")
+profiles = pytest.mark.parametrize("profile", PROFILES or ["none"])
+
+
+def absolute_paths(text):
+    text = URL.sub(" ", ANSI.sub("", text))
+    return POSIX.findall(text) + WINDOWS.findall(text)
+
+
+def strings(node, mimetype=None):
+    """Every string in a notebook's JSON tree, except base64 payloads ('/' is base64)."""
+    if isinstance(node, str):
+        if mimetype not in BINARY:
+            yield node
+    elif isinstance(node, list):
+        for item in node:
+            yield from strings(item, mimetype)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if key == "data" and isinstance(value, dict):
+                for mime, payload in value.items():
+                    yield from strings(payload, mime)
+            elif key != "attachments":
+                yield from strings(value, mimetype)
+
+
+def read(profile, name):
+    path = EXECUTED / profile / f"{name}.ipynb"
+    assert path.is_file(), f"{profile}: {name}.ipynb is not published"
+    nb = nbformat.read(str(path), as_version=4)
+    nbformat.validate(nb)
+    return nb
+
+
+def outputs(nb):
+    return [o for cell in nb.cells for o in cell.get("outputs", [])]
+
+
+def record_of(nb):
+    found = [o["data"][RESULTS_MIMETYPE] for o in outputs(nb) if RESULTS_MIMETYPE in o.get("data", {})]
+    return found[-1] if found else None
+
+
+@needs_publication
+@profiles
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_published_notebook_is_complete_and_portable(profile, name):
+    nb = read(profile, name)
+    outs = outputs(nb)
+    assert outs, f"{profile}/{name}: no outputs (was it stripped?)"
+    assert any(c.get("execution_count") for c in nb.cells if c.cell_type == "code")
+    if name != "01_data_exploration":
+        assert any("image/png" in o.get("data", {}) for o in outs), f"{profile}/{name}: no figure"
+    assert not (nb.metadata.get("papermill") or {}).get("exception"), f"{name} stopped on an error"
+    assert "widgets" not in nb.metadata
+    assert not [o for o in outs if WIDGET_VIEW in o.get("data", {})]
+    found = sorted({p for s in strings(nb) for p in absolute_paths(s)})
+    assert not found, f"{profile}/{name}: absolute paths {found[:5]}"
+
+
+@needs_publication
+@profiles
+def test_published_series_is_small_and_has_its_summary(profile):
+    folder = EXECUTED / profile
+    for filename in ("summary.csv", "summary.md", "summary.png"):
+        assert (folder / filename).is_file(), f"{profile}: {filename} missing"
+    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert total <= MAX_BYTES, f"{profile}: {total / 2**20:.1f} MB published"
+    for path in folder.glob("*.md"):
+        assert not absolute_paths(path.read_text()), path.name
+    assert not absolute_paths((folder / "summary.csv").read_text())
+
+
+@needs_publication
+@profiles
+def test_summary_rows_agree_with_the_executed_notebooks(profile):
+    with (EXECUTED / profile / "summary.csv").open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == COLUMNS
+        rows = {row["notebook"]: row for row in reader}
+    assert list(rows) == list(NOTEBOOKS)
+    for name, row in rows.items():
+        assert float(row["wall_seconds"]) > 0 and row["machine"].strip(), f"{name}: untimed"
+        record = record_of(read(profile, name))
+        if name in WITHOUT_RECORD:
+            assert record is None or not record.get("model")
+            assert all(row[c] == "" for c in ("model", "epochs", "val_accuracy", "test_accuracy",
+                                               "macro_f1")), f"{name}: numbers without a record"
+            continue
+        assert record is not None, f"{name}: no {RESULTS_MIMETYPE} output in the notebook"
+        assert record.get("notebook") in (None, name)
+        assert row["model"] == (record.get("model") or ""), name
+        assert (int(row["epochs"]) if row["epochs"] else None) == record.get("epochs"), name
+        for column in ("val_accuracy", "test_accuracy", "macro_f1", "claim_accuracy"):
+            expected = record.get(column)
+            if expected is None:
+                assert row[column] == "", f"{name}: {column}"
+            else:
+                assert float(row[column]) == pytest.approx(expected, abs=0.01), f"{name}: {column}"
+        assert row["claim_metric"] == (record.get("claim_metric") or ""), name
