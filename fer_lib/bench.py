@@ -453,12 +453,13 @@ if __name__ == "__main__":
     main()
 
 
-def training_estimate(model, train, config, *, epochs: float, steps: int = 6,
-                      verbose: bool = True) -> dict[str, Any]:
+def training_estimate(model, train, config, *, epochs: float, seconds: float = 2.0,
+                      max_steps: int = 64, verbose: bool = True) -> dict[str, Any]:
     """Measure a few training steps of `model` with `config` and project the notebook's time.
 
     epochs: the training work the notebook plans, in epochs over `train` (sweep trials
-    included). Prints one line with the device, precision, measured images/s and the
+    included). Steps run for about `seconds` (at least 3, at most `max_steps`) after one
+    warm-up step. Prints one line with the device, precision, measured images/s and the
     expected minutes, so nobody starts a ten-hour CPU run without knowing. The model is
     copied; the caller's weights are untouched. Evaluation passes are not counted.
     """
@@ -471,27 +472,33 @@ def training_estimate(model, train, config, *, epochs: float, steps: int = 6,
     model = copy.deepcopy(model)
     setup = resolve_device(config.device, config.precision, config.channels_last,
                            compile=config.compile, model=model)
-    images = torch.as_tensor(np.asarray(train.images))
-    labels = torch.as_tensor(np.asarray(train.labels)).long()
     batch = config.batch_size
-    n = min(len(labels), batch * (steps + 1))
-    x, y = images[:n].to(setup.device), labels[:n].to(setup.device)
-    engine = _Engine(model, config, setup, steps_per_epoch=max(1, len(labels) // batch))
+    n = min(len(train.labels), batch * 8)
+    x = torch.as_tensor(np.asarray(train.images[:n])).to(setup.device)
+    y = torch.as_tensor(np.asarray(train.labels[:n])).long().to(setup.device)
+    # A throwaway engine whose schedule is long enough for the timed steps (a one-cycle
+    # schedule sized for a tiny training set would run out after a step or two).
+    engine = _Engine(model, config, setup,
+                     steps_per_epoch=max(len(train.labels) // batch, max_steps + 4))
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.arange(n, device=setup.device)
-    engine.train_epoch(0, x, y, None, order[:batch], generator, max_steps=1)  # warm-up step
-    timed = engine.train_epoch(0, x, y, None, order[batch:] if n > batch else order, generator,
-                               max_steps=steps)
-    img_per_s = timed["images"] / max(timed["seconds"], 1e-9)
-    per_epoch = len(labels)
+    engine.train_epoch(0, x, y, None, order, generator, max_steps=1)  # warm-up step
+    images = steps = 0
+    elapsed = 0.0
+    while steps < max_steps and (steps < 3 or elapsed < seconds):
+        stats = engine.train_epoch(0, x, y, None, order, generator, max_steps=2)
+        images, elapsed = images + stats["images"], elapsed + stats["seconds"]
+        steps += 2
+    img_per_s = images / max(elapsed, 1e-9)
+    per_epoch = len(train.labels)
     if config.max_steps_per_epoch is not None:
         per_epoch = min(per_epoch, config.max_steps_per_epoch * batch)
-    seconds = epochs * per_epoch / img_per_s
+    total = epochs * per_epoch / img_per_s
     result = {"device": str(setup.device), "precision": setup.precision, "img_per_s": img_per_s,
-              "epochs": epochs, "images": int(epochs * per_epoch), "seconds": seconds,
+              "epochs": epochs, "images": int(epochs * per_epoch), "seconds": total,
               "machine": machine_description()}
     if verbose:
         print(f"device {setup.describe()} on {result['machine']}: {img_per_s:,.0f} training images/s "
-              f"(measured over {timed['images']} images) -> {epochs:g} epochs x {per_epoch:,} images "
-              f"~ {seconds / 60:.1f} min of training, plus evaluation", flush=True)
+              f"(measured over {images:,} images) -> {epochs:g} epochs x {per_epoch:,} images "
+              f"~ {total / 60:.1f} min of training, plus evaluation", flush=True)
     return result

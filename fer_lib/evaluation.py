@@ -286,11 +286,14 @@ def plot_misclassified(
     return fig
 
 
-def plot_per_class_f1(per_class_df: pd.DataFrame) -> Figure:
+def plot_per_class_f1(per_class_df: pd.DataFrame,
+                      reference: Mapping[str, float] | None = None,
+                      reference_label: str = "report") -> Figure:
     """Bar chart of per-class F1 (the `per_class` table of classification_metrics).
 
     Bars are annotated with the class support, because on FER2013 a low F1 usually goes with
-    a small class (Disgust has ~1.5% of the images).
+    a small class (Disgust has ~1.5% of the images). reference: class name -> F1 of another
+    source (a report's classification report), drawn as a second bar per class.
     """
     if "f1" not in per_class_df:
         raise ValueError(f"per_class_df needs an 'f1' column, got {list(per_class_df.columns)}")
@@ -298,13 +301,20 @@ def plot_per_class_f1(per_class_df: pd.DataFrame) -> Figure:
     scores = per_class_df["f1"].to_numpy(dtype=np.float64)
     fig, axes = _new_figure(figsize=(max(5.0, 0.9 * len(names) + 2.0), 4))
     ax = axes[0, 0]
-    bars = ax.bar(names, scores, color="tab:blue")
+    x = np.arange(len(names))
+    width = 0.4 if reference else 0.8
+    bars = ax.bar(x - (width / 2 if reference else 0), scores, width=width, color="tab:blue", label="ours")
+    if reference:
+        ref = [reference.get(name, np.nan) for name in names]
+        ax.bar(x + width / 2, ref, width=width, color="tab:orange", alpha=0.7, label=reference_label)
+        ax.legend(fontsize=8)
     if "support" in per_class_df:
         for bar, support in zip(bars, per_class_df["support"].to_numpy()):
             ax.annotate(
                 f"n={int(support)}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                 ha="center", va="bottom", fontsize=8,
             )
+    ax.set_xticks(x, names)
     ax.set_ylim(0.0, 1.05)
     ax.set_ylabel("F1")
     ax.set_title("Per-class F1")

@@ -21,7 +21,7 @@ from torch import nn
 from fer_lib.data import FER2013, stratified_subsample
 from fer_lib.evaluation import classification_metrics, ensemble_probs
 from fer_lib.models import create_model
-from fer_lib.results import write_results
+from fer_lib.results import REPORT_PER_CLASS_F1, write_results
 from fer_lib.sweeps import REPORT_SWEEPS, SweepResult, run_sweep
 from fer_lib.tracking import init_tracker
 from fer_lib.training import FitResult, TrainConfig, evaluate, fit
@@ -393,7 +393,8 @@ def show_result(result: ExperimentResult, data: FER2013, *,
     plot_history(result.fit.history, others=others)
     plot_confusion_matrix(result.test["confusion"], data.class_names, normalize=True,
                           title="PrivateTest, row-normalised")
-    plot_per_class_f1(result.test["per_class"])
+    plot_per_class_f1(result.test["per_class"], reference=REPORT_PER_CLASS_F1.get(result.name),
+                      reference_label="report (own hold-out)")
     probs = torch.softmax(result.test_logits.float(), dim=1) if result.test_logits is not None else None
     plot_misclassified(data.test.images, data.test.labels, result.test_preds, data.class_names,
                        max_images=max_mistakes, probs=probs)

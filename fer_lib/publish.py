@@ -30,7 +30,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from fer_lib.results import RESULTS_MIMETYPE, atomic_write_text, checkout_root
 from fer_lib.series import NOTEBOOKS
@@ -287,8 +287,10 @@ def summary_markdown(rows: list[dict[str, Any]], profile: str) -> str:
         where, shown = f"on {machines[0]}", frame.drop(columns="machine")
     else:
         where, shown = f"on {len(machines)} machines (see the machine column)", frame
+    covered = (f"{len(rows)} notebooks" if len(rows) == len(NOTEBOOKS)
+               else f"{len(rows)} of the {len(NOTEBOOKS)} notebooks (the others have not run yet)")
     header = (f"# FER2013 notebook series: profile '{profile}', executed\n\n"
-              f"{len(rows)} notebooks in {total:.1f} minutes {where}.\n\n"
+              f"{covered} in {total:.1f} minutes {where}.\n\n"
               "Ours: epoch selected on PublicTest (val_accuracy), reported once on PrivateTest "
               "(test_accuracy), in %; macro_f1 on PrivateTest. claim_accuracy is the "
               "experiment report's own number, on its own split (claim_metric). Read from "
@@ -364,11 +366,14 @@ def _swap_in(staging: Path, target: Path) -> None:
 
 
 def publish_series(profile_dir: str | os.PathLike, dest: str | os.PathLike | None = None, *,
-                   max_bytes: int = MAX_BYTES, data_path: str | None = None) -> Path:
+                   max_bytes: int = MAX_BYTES, data_path: str | None = None,
+                   notebooks: Sequence[str] | None = None) -> Path:
     """Publish the finished run in `profile_dir` (runs/<profile>/) into dest/<profile>/.
 
     dest: the `executed/` folder (default: executed_folder()). data_path: the FER2013 file the
     run read, when it was not passed as a notebook parameter (its folder is scrubbed too).
+    notebooks: publish only these (a profile run still in progress, e.g. the report profile
+    after some sittings); the summary then says how many of the series it covers.
     Returns dest/<profile>. Raises PublishError (naming the notebook) and leaves an existing
     dest/<profile>/ untouched when the run cannot be published.
     """
@@ -382,12 +387,16 @@ def publish_series(profile_dir: str | os.PathLike, dest: str | os.PathLike | Non
     dest = Path(dest) if dest is not None else executed_folder()
     target = dest / profile
 
-    notebooks = {name: prepare_notebook(profile_dir / name / f"{name}.ipynb", name, profile,
-                                        profile_dir, data_path)
-                 for name in NOTEBOOKS}
-    rows = summary_rows(notebooks, read_timings(profile_dir))
+    unknown = [name for name in notebooks or () if name not in NOTEBOOKS]
+    if unknown:
+        raise PublishError(f"{unknown[0]}: not a notebook of the series {list(NOTEBOOKS)}")
+    names = [name for name in NOTEBOOKS if notebooks is None or name in notebooks]
+    prepared = {name: prepare_notebook(profile_dir / name / f"{name}.ipynb", name, profile,
+                                       profile_dir, data_path)
+                for name in names}
+    rows = summary_rows(prepared, read_timings(profile_dir))
 
-    texts = {f"{name}.ipynb": nbformat.writes(nb) + "\n" for name, nb in notebooks.items()}
+    texts = {f"{name}.ipynb": nbformat.writes(nb) + "\n" for name, nb in prepared.items()}
     texts["summary.csv"] = summary_csv(rows)
     texts["summary.md"] = summary_markdown(rows, profile)
     figures: dict[str, bytes] = {}
@@ -424,3 +433,43 @@ def publish_series(profile_dir: str | os.PathLike, dest: str | os.PathLike | Non
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def readme_results_table(executed: str | os.PathLike | None = None,
+                         profiles: Sequence[str] = ("cpu", "report")) -> str:
+    """The README's results table, read from the published summaries (never typed).
+
+    One row per notebook: the report's claim, then PrivateTest % (epochs) per published
+    profile; "-" where a profile has not published that notebook yet.
+    """
+    import csv
+
+    folder = Path(executed) if executed is not None else executed_folder()
+    published: dict[str, dict[str, dict[str, str]]] = {}
+    for profile in profiles:
+        path = folder / profile / "summary.csv"
+        if path.is_file():
+            with path.open(newline="", encoding="utf-8") as handle:
+                published[profile] = {row["notebook"]: row for row in csv.DictReader(handle)}
+    from fer_lib.results import REPORT_CLAIMS
+
+    header = ["notebook", "model", "report's claim %"] + [
+        f"ours, `{profile}` profile: PrivateTest % (epochs)" for profile in published]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in NOTEBOOKS:
+        if name == "01_data_exploration":
+            continue
+        claim = REPORT_CLAIMS.get(name)
+        model = next((rows[name]["model"] for rows in published.values()
+                      if name in rows and rows[name]["model"]), "")
+        cells = [name, f"`{model}`" if model else "-",
+                 f"{claim.accuracy:.1f} ({claim.metric})" if claim and claim.accuracy else "-"]
+        for profile, rows in published.items():
+            row = rows.get(name)
+            if row and row["test_accuracy"]:
+                link = f"executed/{profile}/{name}.ipynb"
+                cells.append(f"[{float(row['test_accuracy']):.1f}]({link}) ({row['epochs']})")
+            else:
+                cells.append("-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

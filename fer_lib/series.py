@@ -1,10 +1,12 @@
 """Run the notebook series headless with papermill: `python -m fer_lib series`.
 
 Each notebook keeps the experiment report's own parameters in its `parameters` cell (the
-"full" profile, meant for a CUDA machine). On a CPU-only machine the "cpu" profile overrides
-them so that the whole series finishes in well under an hour on 2 cores while still training
-every experiment on the full training set (fewer epochs, smaller sweeps). The "smoke" profile
-runs a few batches per notebook and is what the test suite executes.
+"full" profile, meant for a CUDA machine: the reports' sweeps and epochs). "report" trains
+each experiment's best configuration for the report's epochs without the sweep (hours on a
+CPU; `--resume` continues where a sitting stopped). On a CPU-only machine the "cpu" profile
+skips the sweeps and trains every final run on the full training set for fewer epochs, so the
+whole series finishes in well under an hour on 2 cores. The "smoke" profile runs a few
+batches per notebook and is what the test suite executes.
 
 Outputs go under `runs/<profile>/`: one folder per notebook with the executed notebook, its
 `results.json` and figures, plus `summary.md`, `summary.png` and `timings.csv` for the series.
@@ -302,14 +304,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--publish", action="store_true",
                         help="after the run, publish the profile's executed notebooks and summary "
                              "into --executed")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue each notebook's runs from their last checkpoints (a long "
+                             "profile run across several sittings)")
     parser.add_argument("--publish-only", action="store_true",
                         help="run nothing: publish the existing runs/<profile>/ folder")
     parser.add_argument("--executed", default=None,
                         help="where published series go (default: executed/ in the checkout, "
                              "else ./executed/)")
+    parser.add_argument("--results-table", action="store_true",
+                        help="run nothing: print the README's results table from executed/")
     args = parser.parse_args(argv)
-    if args.publish_only and args.notebooks:
-        parser.error("--publish-only runs nothing; drop --notebooks")
+    if args.results_table:
+        from fer_lib.publish import readme_results_table
+
+        print(readme_results_table(args.executed))
+        return 0
     if args.publish_only:
         from fer_lib.results import runs_folder
 
@@ -317,12 +327,15 @@ def main(argv: list[str] | None = None) -> int:
         out_root = out_root / pick_profile(args.profile)
     else:
         out_root = run_series(args.profile, notebooks=args.notebooks, out_dir=args.out,
-                              data_path=args.data, wandb_mode=args.wandb_mode)
+                              data_path=args.data, wandb_mode=args.wandb_mode,
+                              overrides={"resume": True} if args.resume else None)
     if args.publish or args.publish_only:
         from fer_lib.publish import PublishError, publish_series
 
         try:
-            target = publish_series(out_root, args.executed, data_path=args.data)
+            # with --publish-only, --notebooks publishes part of a profile still in progress
+            target = publish_series(out_root, args.executed, data_path=args.data,
+                                    notebooks=args.notebooks if args.publish_only else None)
         except PublishError as err:
             print(f"error: not published: {err}", file=sys.stderr)
             return 1

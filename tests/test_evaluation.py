@@ -133,6 +133,20 @@ def test_plot_per_class_f1_and_time_to_accuracy():
     np.testing.assert_allclose(lines[1].get_xdata(), [0, 5, 20])
 
 
+def test_per_class_f1_beside_a_reference_and_history_overlay_and_curve():
+    per_class = evaluation.classification_metrics([0, 1, 2], [0, 1, 1], ["a", "b", "c"])["per_class"]
+    fig = evaluation.plot_per_class_f1(per_class, reference={"a": 0.5, "c": 0.25})
+    heights = [round(bar.get_height(), 4) for bar in fig.axes[0].patches]
+    assert heights[:3] == [1.0, round(2 / 3, 4), 0.0]
+    assert heights[3] == 0.5 and np.isnan(heights[4]) and heights[5] == 0.25  # "b" has no reference
+    history = [{"epoch": 1, "train_accuracy": 0.3, "val_accuracy": 0.25, "seconds": 2.0},
+               {"epoch": 2, "train_accuracy": 0.5, "val_accuracy": 0.4, "seconds": 3.0}]
+    fig2 = evaluation.plot_history(history, others={"earlier": [{"epoch": 1, "val_accuracy": 0.2}]})
+    labels = [line.get_label() for line in fig2.axes[1].get_lines()]
+    assert "val, earlier" in labels
+    assert evaluation.history_curve(history) == [(2.0, 0.25), (5.0, 0.4)]
+
+
 # ------------------------------------------------------------------------------ TTA
 class ColumnReader(nn.Module):
     """Logits from the first and last image columns: NOT flip invariant (flip swaps them)."""

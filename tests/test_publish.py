@@ -298,8 +298,12 @@ def test_cli_publish_only(run_root, tmp_path, capsys):
     assert main(["--publish-only", "--profile", "cpu", "--out", str(run_root),
                  "--executed", str(dest)]) == 1
     assert "04_cnn_augmentation_sweep" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--publish-only", "--notebooks", "03_cnn"])
+    # a profile still in progress is published in part: only the notebooks named
+    assert main(["--publish-only", "--profile", "cpu", "--out", str(run_root), "--executed", str(dest),
+                 "--notebooks", "02_mlp_baseline", "03_cnn"]) == 0
+    assert sorted(p.name for p in (dest / "cpu").glob("*.ipynb")) == ["02_mlp_baseline.ipynb",
+                                                                      "03_cnn.ipynb"]
+    assert "2 of the 8 notebooks" in (dest / "cpu" / "summary.md").read_text()
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -64,6 +64,16 @@ def strings(node, mimetype=None):
                 yield from strings(value, mimetype)
 
 
+# The CPU profile is published whole; a long profile (report) may be published in parts, and
+# then its summary.csv lists the notebooks it holds.
+COMPLETE = {"cpu"}
+
+
+def published_names(profile):
+    with (EXECUTED / profile / "summary.csv").open(newline="", encoding="utf-8") as handle:
+        return [row["notebook"] for row in csv.DictReader(handle)]
+
+
 def read(profile, name):
     path = EXECUTED / profile / f"{name}.ipynb"
     assert path.is_file(), f"{profile}: {name}.ipynb is not published"
@@ -85,6 +95,8 @@ def record_of(nb):
 @profiles
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_published_notebook_is_complete_and_portable(profile, name):
+    if profile not in COMPLETE and name not in published_names(profile):
+        pytest.skip(f"{profile} is published in part; {name} is not in it yet")
     nb = read(profile, name)
     outs = outputs(nb)
     assert outs, f"{profile}/{name}: no outputs (was it stripped?)"
@@ -118,7 +130,12 @@ def test_summary_rows_agree_with_the_executed_notebooks(profile):
         reader = csv.DictReader(handle)
         assert reader.fieldnames == COLUMNS
         rows = {row["notebook"]: row for row in reader}
-    assert list(rows) == list(NOTEBOOKS)
+    if profile in COMPLETE:
+        assert list(rows) == list(NOTEBOOKS)
+    else:
+        assert rows and list(rows) == [n for n in NOTEBOOKS if n in rows], "rows out of series order"
+        published = sorted(p.stem for p in (EXECUTED / profile).glob("*.ipynb"))
+        assert published == sorted(rows), f"{profile}: notebooks and summary rows differ"
     for name, row in rows.items():
         assert float(row["wall_seconds"]) > 0 and row["machine"].strip(), f"{name}: untimed"
         record = record_of(read(profile, name))
@@ -138,3 +155,15 @@ def test_summary_rows_agree_with_the_executed_notebooks(profile):
             else:
                 assert float(row[column]) == pytest.approx(expected, abs=0.01), f"{name}: {column}"
         assert row["claim_metric"] == (record.get("claim_metric") or ""), name
+
+
+@needs_publication
+def test_readme_results_table_is_the_published_one():
+    """The README's results come from the published summaries: regenerate, never type."""
+    from fer_lib.publish import readme_results_table
+
+    readme = (ROOT / "README.md").read_text()
+    start, end = "<!-- results-table:start -->\n", "\n<!-- results-table:end -->"
+    shown = readme[readme.index(start) + len(start):readme.index(end)]
+    assert shown.strip() == readme_results_table(EXECUTED).strip(), \
+        "README results table is stale: paste fer_lib.publish.readme_results_table() into it"
