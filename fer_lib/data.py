@@ -63,7 +63,7 @@ _IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"
 _USAGE_PREFIX = re.compile(r"^(Training|PublicTest|PrivateTest)_(\d+)")
 
 _USAGE_CODES = {name.lower(): code for code, name in enumerate(USAGES)}
-_UNSPLIT_TEST = 3  # usage code of image-folder test/ images without PublicTest_/PrivateTest_ prefix
+UNSPLIT_TEST = 3  # usage code of image-folder test/ images without PublicTest_/PrivateTest_ prefix
 _CSV_NAMES = ("fer2013.csv", "fer2013.csv.gz", "icml_face_data.csv", "icml_face_data.csv.gz")
 _ROWS_PER_CHUNK = 128  # ~1 MB of pixel text per numpy pass: stays in the CPU cache
 _KAGGLE_COMPETITION = "challenges-in-representation-learning-facial-expression-recognition-challenge"
@@ -220,7 +220,8 @@ def _default_search_dirs() -> list[Path]:
     return unique
 
 
-def _find_in_dir(directory: Path) -> Path | None:
+def find_in_dir(directory: Path) -> Path | None:
+    """The FER2013 file or image-folder root directly inside `directory`, or None."""
     for name in _CSV_NAMES:
         if (directory / name).is_file():
             return directory / name
@@ -266,7 +267,7 @@ def find_fer2013(source: str | os.PathLike | None = None) -> Path:
     else:
         looked.append("$FER2013_PATH: not set")
     for directory in _default_search_dirs():
-        found = _find_in_dir(directory) if directory.is_dir() else None
+        found = find_in_dir(directory) if directory.is_dir() else None
         if found is not None:
             if env:
                 warnings.warn(f"FER2013_PATH={env} does not exist; using {found}", stacklevel=2)
@@ -283,7 +284,7 @@ def _resolve_given(path: Path, what: str) -> Path:
     if not path.exists():
         raise DatasetError(f"FER2013 {what} {path} does not exist.\n" + _how_to_get())
     if path.is_dir():
-        found = _find_in_dir(path)
+        found = find_in_dir(path)
         if found is None:
             raise DatasetError(f"FER2013 {what} {path} is a folder without {_EXPECTED_IN_DIR}.\n"
                                + _how_to_get())
@@ -565,7 +566,7 @@ def _parse_kaggle_pair(directory: Path) -> _Parsed:
 # Image folders
 # --------------------------------------------------------------------------------------------
 @dataclass
-class _ImageEntry:
+class ImageEntry:
     path: Path
     label: int
     usage: int
@@ -574,8 +575,10 @@ class _ImageEntry:
     mtime_ns: int
 
 
-def _list_image_folders(root: Path) -> list[_ImageEntry]:
-    entries: list[_ImageEntry] = []
+def list_image_folders(root: Path) -> list[ImageEntry]:
+    """Every image under root/train/<emotion>/ and root/test/<emotion>/, with the split its
+    file-name prefix gives (UNSPLIT_TEST for a test/ image without one)."""
+    entries: list[ImageEntry] = []
     for split_dir in (root / "train", root / "test"):
         class_dirs = {}
         for child in sorted(split_dir.iterdir()):
@@ -606,7 +609,7 @@ def _list_image_folders(root: Path) -> list[_ImageEntry]:
                 stat = f.stat()
                 stem = os.path.splitext(f.name)[0]
                 number = int(match.group(2)) if match else int(stem) if stem.isdigit() else -1
-                split_entries.append(_ImageEntry(Path(f.path), label, usage, number,
+                split_entries.append(ImageEntry(Path(f.path), label, usage, number,
                                                  stat.st_size, stat.st_mtime_ns))
         if split_dir.name == "train":
             for entry in split_entries:
@@ -620,13 +623,13 @@ def _list_image_folders(root: Path) -> list[_ImageEntry]:
                                    f"images in {split_dir} have one; the split cannot be recovered")
             for entry in split_entries:
                 if entry.usage < 0:
-                    entry.usage = _UNSPLIT_TEST
+                    entry.usage = UNSPLIT_TEST
         entries.extend(split_entries)
     entries.sort(key=lambda e: (e.usage, e.number, e.path.name, e.label))
     return entries
 
 
-def _parse_image_folders(root: Path, entries: list[_ImageEntry], resize: bool) -> _Parsed:
+def _parse_image_folders(root: Path, entries: list[ImageEntry], resize: bool) -> _Parsed:
     from PIL import Image, UnidentifiedImageError
 
     images = np.empty((len(entries), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
@@ -671,7 +674,7 @@ def _source_kind(path: Path) -> str:
     return "csv"
 
 
-def _parse_source(path: Path, kind: str, resize: bool, entries: list[_ImageEntry] | None) -> _Parsed:
+def _parse_source(path: Path, kind: str, resize: bool, entries: list[ImageEntry] | None) -> _Parsed:
     """Parse a source from scratch (the expensive step the cache skips)."""
     if kind == "csv":
         return _parse_csv(path)
@@ -690,7 +693,7 @@ def _file_stamp(path: Path) -> list:
     return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
-def _cache_key(path: Path, kind: str, resize: bool, entries: list[_ImageEntry] | None) -> str:
+def _cache_key(path: Path, kind: str, resize: bool, entries: list[ImageEntry] | None) -> str:
     if kind == "csv":
         files = [_file_stamp(path)]
     elif kind == "kaggle_pair":
@@ -816,7 +819,7 @@ def _split_arrays(parsed: _Parsed, protocol: str, seed: int) -> dict[str, np.nda
         return {name: training[part] for name, part in zip(("train", "val", "test"), parts)}
     index = {"train": np.flatnonzero(usage == 0), "val": np.flatnonzero(usage == 1),
              "test": np.flatnonzero(usage == 2)}
-    unsplit = np.flatnonzero(usage == _UNSPLIT_TEST)
+    unsplit = np.flatnonzero(usage == UNSPLIT_TEST)
     if unsplit.size:
         warnings.warn(
             "the test/ images carry no PublicTest_/PrivateTest_ file-name prefix, so val and test "
@@ -1010,7 +1013,7 @@ def load_fer2013(
 
     path = find_fer2013(source)
     kind = _source_kind(path)
-    entries = _list_image_folders(path) if kind == "image_folders" else None
+    entries = list_image_folders(path) if kind == "image_folders" else None
     if entries is not None and not entries:
         raise DatasetError(f"{path}: no images in train/ and test/")
     key = _cache_key(path, kind, resize, entries)

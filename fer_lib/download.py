@@ -78,7 +78,7 @@ def _validated(path: Path) -> Path:
         warnings.simplefilter("ignore")
         loaded = fer_data.load_fer2013(found)
     if loaded.format == "image_folders":
-        unsplit = [e for e in fer_data._list_image_folders(found) if e.usage == fer_data._UNSPLIT_TEST]
+        unsplit = [e for e in fer_data.list_image_folders(found) if e.usage == fer_data.UNSPLIT_TEST]
         if unsplit:
             raise DatasetError(
                 f"{found}: {len(unsplit)} test/ images carry no PublicTest_/PrivateTest_ file-name "
@@ -99,7 +99,7 @@ def _locate(download: Path) -> Path | None:
     level = [download]
     for _ in range(_SEARCH_DEPTH + 1):
         for folder in level:
-            found = fer_data._find_in_dir(folder)
+            found = fer_data.find_in_dir(folder)
             if found is not None:
                 return found
         level = [child for folder in level for child in sorted(folder.iterdir())

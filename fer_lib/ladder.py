@@ -347,9 +347,8 @@ def run_ladder(data, *, epochs: int, seed: int = 0, device: str = "auto", precis
 def plot_ladder(result: LadderResult):
     """PrivateTest accuracy per step (left, gain over the previous step annotated) and wall
     seconds per step (right): what each step buys and what it costs."""
+    import matplotlib.pyplot as plt
     import numpy as np
-
-    from fer_lib.evaluation import _new_figure
 
     table = result.table
     if table.empty:
@@ -358,7 +357,8 @@ def plot_ladder(result: LadderResult):
     acc = table["test_accuracy %"].to_numpy(dtype=float)
     wall = table["wall_seconds"].to_numpy(dtype=float)
     y = np.arange(len(table))
-    fig, axes = _new_figure(1, 2, figsize=(14, 0.6 * len(table) + 2.4))
+    fig = plt.figure(figsize=(14, 0.6 * len(table) + 2.4))
+    axes = fig.subplots(1, 2, squeeze=False)
     ax_acc, ax_wall = axes[0]
     ax_acc.barh(y, acc, color="tab:blue")
     for i, value in enumerate(acc):

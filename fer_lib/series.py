@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
+
 NOTEBOOKS = (
     "01_data_exploration",
     "02_mlp_baseline",
@@ -147,10 +149,21 @@ def run_notebook(name: str, profile: str, out_root: Path, *, data_path: str | No
     params = filter_parameters(src, {**params, **(overrides or {})})
     out_nb = run_dir / f"{name}.ipynb"
     start = time.perf_counter()
-    pm.execute_notebook(str(src), str(out_nb), parameters=params, cwd=str(src.parent),
-                        progress_bar=False, kernel_name="python3",
-                        stdout_file=sys.stdout if echo else None,
-                        stderr_file=sys.stderr if echo else None)
+    # The kernel inherits this process's environment. Its figures must land in the executed
+    # notebook, so it gets Jupyter's inline backend whatever MPLBACKEND says here (CI and
+    # headless shells set Agg, which would leave every executed notebook without a plot).
+    backend = os.environ.get("MPLBACKEND")
+    os.environ["MPLBACKEND"] = INLINE_BACKEND
+    try:
+        pm.execute_notebook(str(src), str(out_nb), parameters=params, cwd=str(src.parent),
+                            progress_bar=False, kernel_name="python3",
+                            stdout_file=sys.stdout if echo else None,
+                            stderr_file=sys.stderr if echo else None)
+    finally:
+        if backend is None:
+            os.environ.pop("MPLBACKEND", None)
+        else:
+            os.environ["MPLBACKEND"] = backend
     seconds = time.perf_counter() - start
     executed = nbformat.read(str(out_nb), as_version=4)
     nbformat.validate(executed)

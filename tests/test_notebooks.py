@@ -121,6 +121,7 @@ def smoke_data(tmp_path_factory):
 def test_notebook_runs_headless_in_smoke_profile(name, smoke_data, tmp_path, monkeypatch):
     data_path, overrides = smoke_data
     monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("MPLBACKEND", "Agg")  # what CI sets; the executed notebook still gets figures
     out = tmp_path / "runs"
     if name == "08_final_model":
         # 08 reads the other notebooks' results; give it one to read.
@@ -136,6 +137,9 @@ def test_notebook_runs_headless_in_smoke_profile(name, smoke_data, tmp_path, mon
     for cell in executed.cells:
         for output in cell.get("outputs", []):
             assert "application/vnd.jupyter.widget-view+json" not in output.get("data", {})
+    # figures are in the executed notebook even though the test process says MPLBACKEND=Agg
+    images = [o for c in executed.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert images, f"{name}: the executed notebook holds no figure"
     results = json.loads((out / name / "results.json").read_text())
     assert results
     if name != "01_data_exploration":
