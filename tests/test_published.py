@@ -8,13 +8,13 @@ table fails. Set FER_EXECUTED=<folder> to check a publication somewhere else fir
 """
 import csv
 import os
-import re
 from pathlib import Path
 
 import nbformat
 import pytest
 
 from fer_lib.results import RESULTS_MIMETYPE
+from path_check import absolute_paths, strings  # tests/ is on sys.path
 from fer_lib.series import NOTEBOOKS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,41 +27,12 @@ WITHOUT_RECORD = {"01_data_exploration"}
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 MAX_BYTES = 8 * 1024 * 1024
 
-# An absolute POSIX path with 2+ components ('/' not continuing a word, a relative path or
-# '~', then at least one 'component/'), after removing ANSI colour codes and URLs other than
-# file: URLs; or a Windows drive-letter / UNC path.
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-URL = re.compile(r"\b(?!file:)[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]*")
-POSIX = re.compile(r"(?<![\w.~])/(?:[\w.@+-]+/)+")
-WINDOWS = re.compile(r"(?<!\w)[A-Za-z]:[\\/]|\\\\[\w.$-]+\\")
-BINARY = {"image/png", "image/jpeg", "image/gif", "application/pdf"}
-
 needs_publication = pytest.mark.skipif(
     not PROFILES, reason=f"no published series yet under {EXECUTED.name}/ "
                          "(python -m fer_lib series --publish)")
 profiles = pytest.mark.parametrize("profile", PROFILES or ["none"])
 
 
-def absolute_paths(text):
-    text = URL.sub(" ", ANSI.sub("", text))
-    return POSIX.findall(text) + WINDOWS.findall(text)
-
-
-def strings(node, mimetype=None):
-    """Every string in a notebook's JSON tree, except base64 payloads ('/' is base64)."""
-    if isinstance(node, str):
-        if mimetype not in BINARY:
-            yield node
-    elif isinstance(node, list):
-        for item in node:
-            yield from strings(item, mimetype)
-    elif isinstance(node, dict):
-        for key, value in node.items():
-            if key == "data" and isinstance(value, dict):
-                for mime, payload in value.items():
-                    yield from strings(payload, mime)
-            elif key != "attachments":
-                yield from strings(value, mimetype)
 
 
 # The CPU profile is published whole; a long profile (report) may be published in parts, and
