@@ -316,8 +316,7 @@ class ReportExperiment:
             sweep = run_sweep(self.sweep_config, objective, initial_params=self.report_best,
                               count=self.sweep_count, project=project, mode=wandb_mode,
                               run_dir=run_dir / "sweep", seed=self.seed)
-            params = dict(sweep.best_params)
-            print(f"sweep best {sweep.metric_name} {sweep.best_value:.4f} with {params}", flush=True)
+            params = dict(sweep.best_params)  # fer_lib.sweeps.show_sweep reports it
         config_updates, model_kwargs = split_params(params)
         config_updates.pop("epochs", None)  # the final run trains for base.epochs
         config = replace(self.base, **config_updates)
