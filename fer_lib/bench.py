@@ -9,7 +9,7 @@ measured side by side in one process, in training images per second:
 (a) seed   the notebooks' original pipeline: a Dataset applying torchvision PIL transforms
            per image (ToPILImage, RandomHorizontalFlip, RandomRotation(10), ToTensor,
            Normalize) in a DataLoader with 2 workers, fp32, loss.item() every step;
-(b) engine fer_lib.training's own train step (`_Engine.train_epoch`, what `fit` runs):
+(b) engine fer_lib.training's own train step (`Engine.train_epoch`, what `fit` runs):
            device-resident uint8 split, batched per-sample augmentation, autocast and
            channels_last as `resolve_device` decides;
 (c) bare   the model's forward + backward + optimizer step on one pre-made batch with the
@@ -185,7 +185,7 @@ def seed_style_train(data, *, epochs: int | None = None, seconds: float | None =
     from fer_lib.augment import MEAN, STD
     from fer_lib.device import progress_mode
     from fer_lib.models import create_model
-    from fer_lib.training import _summary_line, evaluate
+    from fer_lib.training import summary_line, evaluate
 
     if epochs is None and seconds is None:
         raise ValueError("seed_style_train needs epochs or seconds")
@@ -236,7 +236,7 @@ def seed_style_train(data, *, epochs: int | None = None, seconds: float | None =
             history.append(row)
             curve.append((now - start, accuracy))
             if plain:
-                print(_summary_line(row, epochs or epoch), flush=True)
+                print(summary_line(row, epochs or epoch), flush=True)
     finally:
         trainer.close()
     if best_state is not None:
@@ -258,12 +258,12 @@ def seed_style_curve(data, *, seconds: float, model: str = "exp3_cnn", batch_siz
 
 
 def _engine_step(model, images, labels, batch_size, config_kwargs):
-    from fer_lib.training import TrainConfig, _Engine, resolve_device
+    from fer_lib.training import TrainConfig, Engine, resolve_device
 
     config = TrainConfig(batch_size=batch_size, lr=1e-3, optimizer="adam", augment="exp3", progress=False,
                          **config_kwargs)
     setup = resolve_device(config.device, config.precision, config.channels_last, compile=config.compile, model=model)
-    engine = _Engine(model, config, setup, steps_per_epoch=max(1, len(labels) // batch_size))
+    engine = Engine(model, config, setup, steps_per_epoch=max(1, len(labels) // batch_size))
     x = torch.as_tensor(images).to(setup.device)
     y = torch.as_tensor(labels).long().to(setup.device)
     generator = torch.Generator().manual_seed(0)
@@ -285,11 +285,11 @@ def _engine_step(model, images, labels, batch_size, config_kwargs):
 
 def _bare_step(model, batch_size, setup, config_kwargs):
     from fer_lib.augment import to_float
-    from fer_lib.training import TrainConfig, _make_optimizer
+    from fer_lib.training import TrainConfig, make_optimizer
 
     config = TrainConfig(batch_size=batch_size, lr=1e-3, optimizer="adam", **config_kwargs)
     model = model.to(setup.device, memory_format=setup.memory_format()).train()
-    optimizer = _make_optimizer(model, config, setup.device)
+    optimizer = make_optimizer(model, config, setup.device)
     criterion = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(0)
     x = to_float(torch.randint(0, 256, (batch_size, 48, 48), dtype=torch.uint8, generator=generator))
@@ -466,7 +466,7 @@ def training_estimate(model, train, config, *, epochs: float, seconds: float = 2
     from dataclasses import replace
 
     from fer_lib.device import machine_description
-    from fer_lib.training import _Engine, resolve_device
+    from fer_lib.training import Engine, resolve_device
 
     config = replace(config, progress=False, checkpoint_every_epoch=False)
     model = copy.deepcopy(model)
@@ -478,7 +478,7 @@ def training_estimate(model, train, config, *, epochs: float, seconds: float = 2
     y = torch.as_tensor(np.asarray(train.labels[:n])).long().to(setup.device)
     # A throwaway engine whose schedule is long enough for the timed steps (a one-cycle
     # schedule sized for a tiny training set would run out after a step or two).
-    engine = _Engine(model, config, setup,
+    engine = Engine(model, config, setup,
                      steps_per_epoch=max(len(train.labels) // batch, max_steps + 4))
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.arange(n, device=setup.device)

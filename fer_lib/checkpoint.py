@@ -9,38 +9,24 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
     train_state (only in "last" checkpoints: optimizer, scheduler, grad scaler, EMA, raw
     weights, early-stopping counters and RNG states: everything `fit(resume=...)` needs).
 
-Writes go to a temporary file in the same folder followed by ``os.replace``, so a crash or
-a full disk mid-write leaves the previous checkpoint intact.
+Writes go through `fer_lib.fileio.atomic_path`, so a crash or a full disk mid-write leaves
+the previous checkpoint intact (a full disk is one `WriteError` naming the file).
 """
 from __future__ import annotations
 
 import datetime as _dt
 import os
-import subprocess
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "load_model", "git_revision", "to_plain"]
+from fer_lib.fileio import atomic_path, git_revision
+
+__all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "load_model", "to_plain"]
 
 FORMAT_VERSION = 1
-
-
-@lru_cache(maxsize=1)
-def git_revision() -> str | None:
-    """`git rev-parse HEAD` of the repository holding fer_lib, or None (no git, no repo)."""
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    rev = out.stdout.strip()
-    return rev if out.returncode == 0 and rev else None
 
 
 def to_plain(obj: Any) -> Any:
@@ -114,20 +100,10 @@ def save_checkpoint(
     }
     if train_state is not None:
         payload["train_state"] = to_plain(train_state)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # KeyboardInterrupt included: never leave a half-written temporary file behind
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())  # the rename must not reach the disk before the data
     return path
 
 

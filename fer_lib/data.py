@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+from fer_lib.fileio import atomic_path
 
 if TYPE_CHECKING:  # pandas is imported lazily: a cached load should not pay for it
     import pandas as pd
@@ -735,19 +736,12 @@ def _load_cache(file: Path, key: str) -> _Parsed | None:
 
 
 def _save_cache(file: Path, key: str, parsed: _Parsed) -> None:
-    """Write atomically: a temporary file in the same folder, then os.replace."""
-    tmp_name = None
+    """Write atomically (fileio.atomic_path); a failure only costs the cache, never the load."""
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
         meta = json.dumps({"key": key, "format": parsed.format, "unlabeled_file": parsed.unlabeled_file})
-        with tempfile.NamedTemporaryFile(dir=file.parent, prefix=file.stem + ".", suffix=".tmp",
-                                         delete=False) as tmp:
-            tmp_name = tmp.name
-            np.savez(tmp, images=parsed.images, labels=parsed.labels, usage=parsed.usage,
+        with atomic_path(file) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, images=parsed.images, labels=parsed.labels, usage=parsed.usage,
                      rows=parsed.rows, meta=np.array(meta))
-        os.chmod(tmp_name, 0o644)  # NamedTemporaryFile makes 0600; a cache may be shared
-        os.replace(tmp_name, file)
-        tmp_name = None
         # Older cache files of the same source (changed since) are dead weight.
         for old in file.parent.glob(file.name.rsplit("-", 1)[0] + "-*.npz"):
             if old != file:
@@ -755,9 +749,6 @@ def _save_cache(file: Path, key: str, parsed: _Parsed) -> None:
     except OSError as exc:
         warnings.warn(f"could not write the FER2013 cache {file} ({exc}); loading still works",
                       stacklevel=3)
-    finally:
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------

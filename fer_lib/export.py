@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from fer_lib.fileio import atomic_path
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -80,10 +81,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: int = 
     export_model = copy.deepcopy(model).float().cpu().eval()
     example = torch.zeros(2 if dynamic_batch else 1, _first_conv_in_chans(export_model),
                           input_size, input_size)
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(path) as tmp:
         try:
             _export_legacy(export_model, example, tmp, opset, dynamic_batch)
         except Exception as legacy_error:  # noqa: BLE001 - any failure: try the other exporter
@@ -105,9 +103,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: int = 
                     entry = onnx_model.metadata_props.add()
                     entry.key, entry.value = key, json.dumps(value)
             onnx.save(onnx_model, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

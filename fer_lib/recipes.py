@@ -99,7 +99,6 @@ def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
     ensemble of all of them (softmax average of each model's logits, with the recipe's TTA)
     on PublicTest and PrivateTest. Every seed is a member: nothing is chosen on PrivateTest.
     """
-    import numpy as np
     import pandas as pd
 
     from fer_lib.experiment import ensemble_metrics
@@ -182,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + report, end="")
     import json
 
-    from fer_lib.results import atomic_write_text
+    from fer_lib.fileio import atomic_write_text
 
     atomic_write_text(out / "reproduce.json", json.dumps({"summary": summary,
                                                          "runs": table.to_dict("records")}, indent=2))

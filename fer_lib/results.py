@@ -10,14 +10,14 @@ notebook can put its measured number beside the claim with the caveat attached.
 from __future__ import annotations
 
 import json
-import math
 import os
-import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from fer_lib.fileio import atomic_write_json, to_jsonable
 
 RESULTS_FILE = "results.json"
 
@@ -93,33 +93,13 @@ def resolve_run_dir(run_dir: str | os.PathLike | None, notebook: str) -> Path:
     return path.resolve()
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to `path` via a temporary file in the same folder and os.replace.
-
-    Readers (and a crash halfway) see either the old file or the new one, never half of it.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_results(run_dir: str | os.PathLike, results: dict[str, Any]) -> Path:
     """Write `results` as JSON into `run_dir/results.json`, atomically.
 
     Values must be JSON-serialisable (numbers, strings, lists, dicts); NaN becomes null so the
     file stays valid JSON for every reader.
     """
-    text = json.dumps(_clean(results), indent=2, sort_keys=True)
-    return atomic_write_text(Path(run_dir) / RESULTS_FILE, text + "\n")
+    return atomic_write_json(Path(run_dir) / RESULTS_FILE, results, sort_keys=True)
 
 
 def read_results(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -194,7 +174,7 @@ class ResultRow:
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         return {"text/plain": repr(self), "text/html": self.frame.to_html(index=False),
-                RESULTS_MIMETYPE: _clean(self.record)}
+                RESULTS_MIMETYPE: to_jsonable(self.record)}
 
     def __repr__(self) -> str:
         return self.frame.to_string(index=False)
@@ -231,20 +211,3 @@ def _pct(value: Any) -> float | None:
     if value is None:
         return None
     return 100.0 * float(value)
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        try:
-            return _clean(value.item())
-        except (TypeError, ValueError):
-            pass
-    if isinstance(value, Claim):
-        return asdict(value)
-    return value

@@ -212,7 +212,7 @@ def merge_timings(out_root: str | os.PathLike, rows: list[dict[str, Any]]):
     notebooks' rows stay, so a series run in pieces is timed as a whole. Returns the table."""
     import pandas as pd
 
-    from fer_lib.results import atomic_write_text
+    from fer_lib.fileio import atomic_write_text
 
     old = load_timings(out_root)
     new = pd.DataFrame(rows, columns=list(TIMING_COLUMNS))
@@ -232,7 +232,8 @@ def summarise_series(out_root: str | os.PathLike) -> str:
     import pandas as pd
 
     from fer_lib.evaluation import to_markdown
-    from fer_lib.results import atomic_write_text, collect_results, plot_results
+    from fer_lib.fileio import atomic_write_text
+    from fer_lib.results import collect_results, plot_results
 
     out_root = Path(out_root)
     profile = out_root.name

@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fer_lib import tracking
+from fer_lib.fileio import atomic_write_text, to_jsonable
 
 if TYPE_CHECKING:
     import optuna
@@ -498,7 +499,7 @@ class TrialTracker:
 
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         self.tracker.log(metrics, step=step)
-        value = tracking._scalar(metrics.get(self.metric_name))
+        value = tracking.scalar(metrics.get(self.metric_name))
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             self.report(self.reports + 1, value)
 
@@ -565,7 +566,7 @@ def _default_tracker_factory(project: str, config: Mapping[str, Any], **kwargs: 
 def _result_columns(row: dict[str, Any], metrics: Mapping[str, Any], reserved: set[str]) -> None:
     """Add train_fn's scalar metrics to a table row (names clashing with params get 'metric.')."""
     for key, value in metrics.items():
-        scalar = tracking._scalar(value)
+        scalar = tracking.scalar(value)
         if scalar is None or isinstance(scalar, str):
             continue
         row[f"metric.{key}" if key in reserved else str(key)] = scalar
@@ -652,7 +653,7 @@ def _trial_count(space: SweepSpace, count: int | None, run_cap: Any) -> int:
 
 
 def _metric_value(metrics: Mapping[str, Any], metric_name: str) -> float:
-    scalar = tracking._scalar(metrics[metric_name])
+    scalar = tracking.scalar(metrics[metric_name])
     if isinstance(scalar, bool) or not isinstance(scalar, (int, float)):
         raise ValueError(f"train_fn returned {metric_name}={metrics[metric_name]!r}; the sweep "
                          "metric must be a number")
@@ -725,7 +726,7 @@ def _run_with_optuna(
         value = _metric_value(metrics, metric_name)
         _result_columns(row, metrics, reserved)
         row[metric_name] = value
-        tracker.log_summary({**{k: v for k, v in metrics.items() if tracking._scalar(v) is not None},
+        tracker.log_summary({**{k: v for k, v in metrics.items() if tracking.scalar(v) is not None},
                              "sweep_state": "complete" if math.isfinite(value) else "failed"})
         tracker.finish()
         if not math.isfinite(value):
@@ -821,7 +822,7 @@ def _run_with_wandb_agent(
             _result_columns(row, metrics, reserved)
             row.update({metric_name: value, "state": "complete" if math.isfinite(value) else "failed"})
             tracker.log_summary({k: v for k, v in metrics.items()
-                                 if tracking._scalar(v) is not None})
+                                 if tracking.scalar(v) is not None})
             tracker.finish()
         except Exception as error:
             row.update(state="failed", error=f"{type(error).__name__}: {error}")
@@ -834,7 +835,7 @@ def _run_with_wandb_agent(
             row["run_dir"] = str(trial_dir)
             rows.append(row)
 
-    with tracking._scoped_env(tracking.wandb_env(folder)):
+    with tracking.scoped_env(tracking.wandb_env(folder)):
         try:
             sweep_id = wandb.sweep(config, project=project)
         except Exception as error:  # noqa: BLE001 - fall back to the local sweep
@@ -890,8 +891,6 @@ def _save_result(result: SweepResult) -> None:
     """sweep_trials.csv + sweep.json in the sweep folder, for notebooks that come later."""
     import json
 
-    from fer_lib.results import atomic_write_text
-
     if result.run_dir is None:
         return
     try:
@@ -900,7 +899,7 @@ def _save_result(result: SweepResult) -> None:
                    "engine": result.engine, "sweep_id": result.sweep_id,
                    "metric": result.metric_name, "goal": result.goal,
                    "best_value": result.best_value,
-                   "best_params": tracking._jsonable(result.best_params),
+                   "best_params": to_jsonable(result.best_params),
                    "trials": int(len(result.table))}
         atomic_write_text(result.run_dir / "sweep.json", json.dumps(summary, indent=2))
     except OSError as error:

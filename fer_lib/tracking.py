@@ -35,6 +35,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from fer_lib.fileio import atomic_write_json, atomic_write_text, to_jsonable
+
 MODES = ("online", "offline", "disabled")
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -124,7 +126,7 @@ def wandb_env(run_dir: str | os.PathLike) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _scoped_env(variables: Mapping[str, str]) -> Iterator[None]:
+def scoped_env(variables: Mapping[str, str]) -> Iterator[None]:
     """Set environment variables for the duration of a block, then restore them."""
     previous = {name: os.environ.get(name) for name in variables}
     os.environ.update(variables)
@@ -138,7 +140,7 @@ def _scoped_env(variables: Mapping[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _scalar(value: Any) -> Any:
+def scalar(value: Any) -> Any:
     """A JSON-able Python scalar for numbers/strings (numpy scalars, 1-element tensors), else None."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -149,20 +151,6 @@ def _scalar(value: Any) -> Any:
     if hasattr(value, "numel") and hasattr(value, "item"):  # torch tensor, torch not imported
         return value.item() if value.numel() == 1 else None
     return None
-
-
-def _jsonable(value: Any) -> Any:
-    """Config values as JSON-able data (paths and other objects become strings)."""
-    if isinstance(value, Mapping):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    scalar = _scalar(value)
-    if scalar is not None or value is None:
-        return scalar
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
 
 
 def _json_line(record: Mapping[str, Any]) -> str:
@@ -239,7 +227,7 @@ class Tracker:
             return
         env = wandb_env(self.run_dir) if self.run_dir is not None else {}
         try:
-            with _scoped_env(env):
+            with scoped_env(env):
                 yield True
         except Exception as error:  # noqa: BLE001 - tracking must never stop training
             self.error = error
@@ -272,9 +260,9 @@ class Tracker:
                                   "_time": round(time.time(), 3)}
         self._auto_step = (step if step is not None else self._auto_step) + 1
         for key, value in metrics.items():
-            scalar = _scalar(value)
-            if scalar is not None:
-                record[str(key)] = scalar
+            number = scalar(value)
+            if number is not None:
+                record[str(key)] = number
         self._write_local(METRICS_FILE, _json_line(record))
         with self._wandb_call("log") as active:
             if active:
@@ -285,16 +273,14 @@ class Tracker:
                     if _is_figure(value):
                         payload[str(key)] = wandb.Image(value)
                     else:
-                        scalar = _scalar(value)
-                        payload[str(key)] = scalar if scalar is not None else value
+                        number = scalar(value)
+                        payload[str(key)] = number if number is not None else value
                 self.run.log(payload, step=step)
 
     def log_summary(self, values: Mapping[str, Any]) -> None:
         """Set run summary values (final/best numbers); also merged into run_dir/summary.json."""
-        clean = _jsonable(dict(values))
+        clean = to_jsonable(dict(values))
         if self.run_dir is not None:
-            from fer_lib.results import atomic_write_text
-
             path = self.run_dir / SUMMARY_FILE
             try:
                 summary = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
@@ -364,7 +350,7 @@ class Tracker:
 
                 source = Path(path)
                 artifact = wandb.Artifact(_artifact_name(name), type=type,
-                                          metadata=_jsonable(dict(metadata or {})))
+                                          metadata=to_jsonable(dict(metadata or {})))
                 if source.is_dir():
                     artifact.add_dir(str(source))
                 else:
@@ -423,10 +409,10 @@ def init_tracker(
     """
     resolved = resolve_mode(mode)
     directory = Path(run_dir) if run_dir is not None else None
-    clean_config = _jsonable(dict(config or {}))
+    clean_config = to_jsonable(dict(config or {}))
     if directory is not None:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(clean_config, indent=2), encoding="utf-8")
+        atomic_write_json(directory / CONFIG_FILE, clean_config)
     local_only = Tracker(None, run_dir=directory, project=project, name=name, config=clean_config)
     if resolved == "disabled":
         return local_only
@@ -437,7 +423,7 @@ def init_tracker(
         resolved = "offline"
     env = wandb_env(directory) if directory is not None else {}
     try:
-        with _scoped_env(env):
+        with scoped_env(env):
             if directory is not None:
                 for folder in env.values():
                     Path(folder).mkdir(parents=True, exist_ok=True)

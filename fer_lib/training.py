@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -257,7 +256,7 @@ class ModelEma:
         self.module.load_state_dict(state["weights"])
 
 
-def _make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "sgd":
         cls = torch.optim.SGD
@@ -295,7 +294,7 @@ def _make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
     return None, False
 
 
-class _Engine:
+class Engine:
     """Model + optimizer + scheduler + loss + augment + EMA on one device; runs epochs.
 
     fit() and the bench (fer_lib.bench) both train through `train_epoch`, so the bench
@@ -307,7 +306,7 @@ class _Engine:
         self.config, self.setup = config, setup
         self.model = model.to(setup.device, memory_format=setup.memory_format())
         self.forward_model = torch.compile(self.model) if setup.compile else self.model
-        self.optimizer = _make_optimizer(self.model, config, setup.device)
+        self.optimizer = make_optimizer(self.model, config, setup.device)
         self.scheduler, self.per_step_scheduler = _make_scheduler(self.optimizer, config, steps_per_epoch)
         weight = class_weight.to(setup.device) if class_weight is not None else None
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
@@ -511,7 +510,7 @@ def _warn_config_changes(saved: dict[str, Any], config: TrainConfig, path: Path)
                       "uninterrupted one", stacklevel=3)
 
 
-def _summary_line(row: dict[str, float], epochs: int) -> str:
+def summary_line(row: dict[str, float], epochs: int) -> str:
     val = ""
     if "val_loss" in row:
         val = f" | val loss {row['val_loss']:.3f} acc {100 * row['val_accuracy']:.1f}%"
@@ -577,7 +576,7 @@ def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None
         steps_per_epoch -= 1
     if config.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    engine = _Engine(model, config, setup, steps_per_epoch, class_weight)
+    engine = Engine(model, config, setup, steps_per_epoch, class_weight)
     train_x, train_y = train_x.to(device), train_y.to(device)
     flags = flags.to(device) if flags is not None else None
     if val_x is not None:
@@ -678,7 +677,7 @@ def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None
             save_checkpoint(last_path, engine.eval_model, epoch=epoch, metrics=row, history=history,
                             best_epoch=best_epoch, best_val_accuracy=best_acc, train_state=train_state, **meta)
         if mode != "off":
-            print(_summary_line(row, config.epochs), flush=True)
+            print(summary_line(row, config.epochs), flush=True)
         if tracker is not None:
             tracker.log(dict(row), step=epoch)
         if stop_now:

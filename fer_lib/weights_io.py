@@ -25,15 +25,14 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import subprocess
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
+
+from fer_lib.fileio import atomic_path, atomic_write_json, git_dirty, git_revision, to_jsonable
 
 FORMAT = "fer_lib.weights"
 FORMAT_VERSION = 1
@@ -55,46 +54,8 @@ def shipped_weights_path() -> Path:
     return Path(__file__).resolve().parent / "weights" / f"{SHIPPED_NAME}.safetensors"
 
 
-def _git_revision() -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the checkout fer_lib is imported from, or (None, None) if unknown.
-
-    An installed (non-editable) package is not in a git checkout, and git may be missing:
-    both are normal, so every failure just means "unknown".
-    """
-    here = Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=5)
-        if rev.returncode != 0:
-            return None, None
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
-        return rev.stdout.strip(), dirty
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-
-
-def _jsonable(value: Any, where: str) -> Any:
-    """Convert numpy/torch scalars, tuples and paths to JSON types; fail naming the key."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return value.tolist()  # 0-d gives a plain number
-    raise TypeError(f"{where}: {type(value).__name__} is not JSON serialisable; "
-                    "pass numbers, strings, lists or dicts")
-
-
 def _norm_value(value: float | Sequence[float], name: str) -> float | list[float]:
-    value = _jsonable(value, name)
+    value = to_jsonable(value, strict=True, where=name)
     if isinstance(value, list):
         if not value or not all(isinstance(v, (int, float)) for v in value):
             raise ValueError(f"{name} must be a number or a list of numbers, got {value!r}")
@@ -117,7 +78,7 @@ def build_metadata(*, model_name: str, model_kwargs: Mapping[str, Any] | None,
     class_names = [str(c) for c in class_names]
     if not class_names:
         raise ValueError("class_names is empty")
-    kwargs = dict(_jsonable(dict(model_kwargs or {}), "model_kwargs"))
+    kwargs = dict(to_jsonable(dict(model_kwargs or {}), strict=True, where="model_kwargs"))
     kwargs.setdefault("num_classes", len(class_names))
     kwargs.setdefault("in_chans", 1)
     if kwargs["num_classes"] != len(class_names):
@@ -126,7 +87,7 @@ def build_metadata(*, model_name: str, model_kwargs: Mapping[str, Any] | None,
     std_value = _norm_value(std, "std")
     if any(s <= 0 for s in (std_value if isinstance(std_value, list) else [std_value])):
         raise ValueError(f"std must be positive, got {std_value}")
-    revision, dirty = _git_revision()
+    revision, dirty = git_revision(), git_dirty()
     from fer_lib import __version__ as fer_lib_version
 
     return {
@@ -137,7 +98,7 @@ def build_metadata(*, model_name: str, model_kwargs: Mapping[str, Any] | None,
         "normalization": {"mean": _norm_value(mean, "mean"), "std": std_value,
                           "formula": "x = (pixel / 255 - mean) / std"},
         "input_size": int(input_size),
-        "metrics": _jsonable(dict(metrics or {}), "metrics"),
+        "metrics": to_jsonable(dict(metrics or {}), strict=True, where="metrics"),
         "notes": str(notes),
         "git_revision": revision,
         "git_dirty": dirty,
@@ -162,12 +123,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _tmp_path(folder: Path, suffix: str) -> Path:
-    fd, name = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    os.close(fd)
-    return Path(name)
 
 
 def _resolve_target(dir_or_path: str | os.PathLike, model_name: str) -> Path:
@@ -206,21 +161,14 @@ def save_weights(dir_or_path: str | os.PathLike, model: nn.Module, *, model_name
     from safetensors.torch import save_file
 
     target = _resolve_target(dir_or_path, model_name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    json_target = target.with_suffix(".json")
     header = {"format": "pt", HEADER_KEY: json.dumps(metadata, sort_keys=True)}
-    tmp_weights = _tmp_path(target.parent, ".safetensors")
-    tmp_json = _tmp_path(target.parent, ".json")
-    try:
+    # The .json sidecar is replaced just before the weights; a failure in between leaves the
+    # old weights with a sidecar whose sha256 no longer matches, which load_weights reports.
+    with atomic_path(target) as tmp_weights:
         save_file(state, str(tmp_weights), metadata=header)
         metadata["weights_file"] = target.name
         metadata["weights_sha256"] = _sha256(tmp_weights)
-        tmp_json.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp_weights, target)
-        os.replace(tmp_json, json_target)
-    finally:
-        for tmp in (tmp_weights, tmp_json):
-            tmp.unlink(missing_ok=True)
+        atomic_write_json(target.with_suffix(".json"), metadata, sort_keys=True)
     return target
 
 

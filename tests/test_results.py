@@ -65,19 +65,3 @@ def test_profiles_only_name_notebook_parameters_that_exist():
             assert not unknown, f"profile {profile} sets {unknown} that {name} does not define"
     params = notebook_parameters(NOTEBOOKS[0], "cpu", tmp := __import__("pathlib").Path("x/y"), None, None)
     assert params["run_dir"] == str(tmp) and params["profile"] == "cpu"
-
-
-def test_atomic_write_text_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
-    from fer_lib import results
-
-    target = tmp_path / "summary.md"
-    results.atomic_write_text(target, "old\n")
-
-    def broken_replace(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(results.os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
-        results.atomic_write_text(target, "new\n")
-    assert target.read_text() == "old\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["summary.md"]  # no temporary left behind

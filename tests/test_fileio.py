@@ -1,0 +1,103 @@
+"""fer_lib.fileio: atomic writes that lose nothing and say what went wrong; JSON-plain data."""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fer_lib import fileio
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "summary.md"
+    fileio.atomic_write_text(target, "old\n")
+
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileio.os, "replace", full_disk)
+    with pytest.raises(fileio.WriteError) as info:
+        fileio.atomic_write_text(target, "new\n")
+    # one clear message naming the file and the cause, errno kept for callers
+    assert str(target) in str(info.value) and "no space left" in str(info.value)
+    assert info.value.errno == errno.ENOSPC
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.md"]
+
+
+def test_an_exception_inside_the_writer_removes_the_temporary(tmp_path):
+    target = tmp_path / "model.bin"
+    with pytest.raises(KeyError), fileio.atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise KeyError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_writer_that_writes_nothing_is_an_error(tmp_path):
+    with pytest.raises(fileio.WriteError, match="produced no file"), fileio.atomic_path(tmp_path / "x"):
+        pass
+
+
+def test_temporaries_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
+    target = tmp_path / "last.pt"
+    # a process that has exited: its pid is free (or reused much later), like a killed writer's
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    stale = tmp_path / f".last.pt.{int(dead.stdout)}.tmp"
+    stale.write_bytes(b"left behind")
+    alive = tmp_path / f".last.pt.{os.getppid()}.tmp"  # a live process may still be writing
+    alive.write_bytes(b"in progress")
+    other = tmp_path / ".best.pt.1.tmp"  # another target's temporary is not ours to judge
+    other.write_bytes(b"x")
+    fileio.atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert not stale.exists() and alive.exists() and other.exists()
+
+
+def test_written_files_get_the_umask_permissions_not_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = fileio.atomic_write_text(tmp_path / "weights.json", "{}")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_missing_folder_that_cannot_be_made_is_one_write_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(fileio.WriteError, match="cannot write"):
+        fileio.atomic_write_text(blocker / "sub" / "x.txt", "x")
+
+
+def test_atomic_write_json_is_valid_json_even_with_nan(tmp_path):
+    path = fileio.atomic_write_json(tmp_path / "r.json", {"acc": float("nan"), "n": np.int64(3)})
+    assert json.loads(path.read_text()) == {"acc": None, "n": 3}
+
+
+@dataclasses.dataclass
+class _Point:
+    x: float
+    tag: str
+
+
+def test_to_jsonable_converts_numpy_torch_paths_dataclasses():
+    value = {"a": np.float32(0.5), "b": torch.tensor([1, 2]), "c": Path("x/y"), "d": (1, 2),
+             "e": _Point(math.inf, "p"), 3: torch.tensor(2.5)}
+    assert fileio.to_jsonable(value) == {"a": 0.5, "b": [1, 2], "c": "x/y", "d": [1, 2],
+                                         "e": {"x": None, "tag": "p"}, "3": 2.5}
+    assert fileio.to_jsonable(object).startswith("<class")
+
+
+def test_to_jsonable_strict_names_where_the_bad_value_sits():
+    with pytest.raises(TypeError, match=r"metrics\.extra\[1\]: object"):
+        fileio.to_jsonable({"extra": [1, object()]}, strict=True, where="metrics")
