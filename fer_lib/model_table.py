@@ -82,12 +82,22 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m fer_lib model-table`: print the table (no options)."""
+    """`python -m fer_lib model-table [--csv]`: print the table (markdown, or CSV)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fer_lib model-table",
+                                     description="Parameters and MFLOPs of every registered model.")
+    parser.add_argument("--csv", action="store_true", help="print CSV instead of a markdown table")
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
-    print(to_markdown(model_table()))
+    table = model_table()
+    if args.csv:
+        print(table.to_csv(index=False), end="")
+        return 0
+    print(to_markdown(table))
     print("\nMFLOPs = 2 x multiply-accumulates of Conv2d/Linear layers, one 1x48x48 image.")
     return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

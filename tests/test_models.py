@@ -239,3 +239,14 @@ def test_model_table_rows_and_params() -> None:
         assert row.mflops > 0
     mlp = table.set_index("name").loc["exp1_mlp"]
     assert mlp.mflops == pytest.approx(2 * (2304 * 64 + 64 * 7) / 1e6)
+
+
+def test_model_table_command_reads_its_arguments(capsys) -> None:
+    from fer_lib.model_table import main
+
+    assert main(["--csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "name,source,params,mflops" and len(lines) == len(ALL_MODELS) + 1
+    with pytest.raises(SystemExit) as info:
+        main(["--no-such-option"])
+    assert info.value.code == 2
