@@ -185,7 +185,7 @@ def seed_style_train(data, *, epochs: int | None = None, seconds: float | None =
     from fer_lib.augment import MEAN, STD
     from fer_lib.device import progress_mode
     from fer_lib.models import create_model
-    from fer_lib.training import summary_line, evaluate
+    from fer_lib.training import evaluate, summary_line
 
     if epochs is None and seconds is None:
         raise ValueError("seed_style_train needs epochs or seconds")
@@ -258,12 +258,13 @@ def seed_style_curve(data, *, seconds: float, model: str = "exp3_cnn", batch_siz
 
 
 def _engine_step(model, images, labels, batch_size, config_kwargs):
-    from fer_lib.training import TrainConfig, Engine, resolve_device
+    from fer_lib.device import resolve_device
+    from fer_lib.training import Engine, TrainConfig, steps_per_epoch
 
     config = TrainConfig(batch_size=batch_size, lr=1e-3, optimizer="adam", augment="exp3", progress=False,
                          **config_kwargs)
     setup = resolve_device(config.device, config.precision, config.channels_last, compile=config.compile, model=model)
-    engine = Engine(model, config, setup, steps_per_epoch=max(1, len(labels) // batch_size))
+    engine = Engine(model, config, setup, steps_per_epoch(len(labels), batch_size))
     x = torch.as_tensor(images).to(setup.device)
     y = torch.as_tensor(labels).long().to(setup.device)
     generator = torch.Generator().manual_seed(0)
@@ -465,8 +466,8 @@ def training_estimate(model, train, config, *, epochs: float, seconds: float = 2
     """
     from dataclasses import replace
 
-    from fer_lib.device import machine_description
-    from fer_lib.training import Engine, resolve_device
+    from fer_lib.device import machine_description, resolve_device
+    from fer_lib.training import Engine
 
     config = replace(config, progress=False, checkpoint_every_epoch=False)
     model = copy.deepcopy(model)

@@ -17,10 +17,13 @@ CPU (same thread count).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,28 +33,44 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+try:  # POSIX: run-folder locks
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 from fer_lib.augment import build_augment, to_float
-from fer_lib.checkpoint import load_checkpoint, load_model, save_checkpoint, to_plain
+from fer_lib.balance import class_weights, upsample_to_max
+from fer_lib.checkpoint import load_checkpoint, save_checkpoint, to_plain
+from fer_lib.data import CLASS_NAMES
 from fer_lib.device import DeviceSetup, EpochProgress, progress_mode, resolve_device
 
 __all__ = [
-    "DeviceSetup",
-    "resolve_device",
     "TrainConfig",
     "FitResult",
     "NonFiniteLossError",
+    "RunFolderBusyError",
+    "ResumeError",
+    "Engine",
     "fit",
     "evaluate",
     "predict_logits",
     "overfit_check",
-    "save_checkpoint",
-    "load_checkpoint",
-    "load_model",
+    "steps_per_epoch",
+    "summary_line",
+    "make_optimizer",
 ]
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite (the message names epoch and step)."""
+
+
+class RunFolderBusyError(RuntimeError):
+    """Another training owns this run folder (the message names the folder and its process)."""
+
+
+class ResumeError(ValueError):
+    """A checkpoint cannot continue this run (the message names the file and what differs)."""
 
 
 @dataclass
@@ -164,49 +183,56 @@ def _arrays(split, what: str) -> tuple[Tensor, Tensor | None]:
     return images, labels
 
 
-def _class_names(train) -> tuple[str, ...] | None:
-    names = getattr(train, "class_names", None)
-    if names is not None:
-        return tuple(names)
-    try:
-        from fer_lib.data import CLASS_NAMES
+def steps_per_epoch(n: int, batch_size: int, max_steps: int | None = None) -> int:
+    """Batches per epoch over n samples: the one rule fit, the engine and the bench share.
 
-        return tuple(CLASS_NAMES)
-    except ImportError:
-        return None
-
-
-def _inverse_frequency(labels: Tensor, num_classes: int) -> Tensor:
-    try:
-        from fer_lib.balance import class_weights
-
-        return torch.as_tensor(class_weights(labels.numpy(), num_classes=num_classes), dtype=torch.float32)
-    except ImportError:
-        counts = torch.bincount(labels, minlength=num_classes).float()
-        return labels.numel() / (num_classes * counts.clamp(min=1))
+    A final batch of a single sample is dropped (BatchNorm cannot normalise one sample in
+    train mode); `max_steps` caps it for smoke runs.
+    """
+    steps = math.ceil(n / batch_size)
+    if steps > 1 and n % batch_size == 1:
+        steps -= 1
+    return min(steps, max_steps) if max_steps else steps
 
 
-def _upsample(images: Tensor, labels: Tensor, seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Repeat minority classes up to the largest class; flags mark the added copies."""
-    try:
-        from fer_lib.balance import upsample_to_max
+@dataclass
+class _TrainData:
+    """The splits as device tensors, balanced as the config asks (what the epoch loop reads)."""
 
-        up_x, up_y, flags = upsample_to_max(images.numpy(), labels.numpy(), seed)
-        return torch.as_tensor(np.asarray(up_x)), torch.as_tensor(np.asarray(up_y)).long(), torch.as_tensor(np.asarray(flags)).bool()
-    except ImportError:
-        gen = torch.Generator().manual_seed(seed)
-        counts = torch.bincount(labels)
-        extra = []
-        for c in range(len(counts)):
-            missing = int(counts.max() - counts[c])
-            members = torch.nonzero(labels == c).flatten()
-            if missing and len(members):
-                extra.append(members[torch.randint(len(members), (missing,), generator=gen)])
-        if not extra:
-            return images, labels, torch.zeros(len(labels), dtype=torch.bool)
-        extra_idx = torch.cat(extra)
-        flags = torch.cat([torch.zeros(len(labels), dtype=torch.bool), torch.ones(len(extra_idx), dtype=torch.bool)])
-        return torch.cat([images, images[extra_idx]]), torch.cat([labels, labels[extra_idx]]), flags
+    images: Tensor
+    labels: Tensor
+    flags: Tensor | None  # upsampled copies (for the augment's FlaggedBrightness)
+    sample_weight: Tensor | None  # weighted sampling: drawing probability of each sample
+    class_weight: Tensor | None  # weighted loss
+    val_images: Tensor | None
+    val_labels: Tensor | None
+    class_names: tuple[str, ...]
+
+
+def _prepare_data(train: Any, val: Any, config: TrainConfig, class_names: Sequence[str] | None,
+                  device: torch.device) -> _TrainData:
+    train_x, train_y = _arrays(train, "train")
+    if train_y is None:
+        raise ValueError("train split has no labels")
+    val_x = val_y = None
+    if val is not None:
+        val_x, val_y = _arrays(val, "val")
+        if val_y is None:
+            raise ValueError("val split has no labels")
+    names = tuple(class_names if class_names is not None else getattr(train, "class_names", CLASS_NAMES))
+    num_classes = max(int(train_y.max()) + 1, len(names))
+    flags = sample_weight = class_weight = None
+    if config.upsample:
+        up_x, up_y, up_flags = upsample_to_max(train_x.numpy(), train_y.numpy(), config.seed)
+        train_x, train_y = torch.as_tensor(up_x), torch.as_tensor(up_y).long()
+        flags = torch.as_tensor(up_flags).bool().to(device)
+    if config.class_weights:
+        class_weight = class_weights(train_y.numpy(), num_classes=num_classes)
+    if config.weighted_sampling:
+        counts = torch.bincount(train_y, minlength=num_classes).double()
+        sample_weight = (1.0 / counts.clamp(min=1))[train_y]
+    return _TrainData(train_x.to(device), train_y.to(device), flags, sample_weight, class_weight,
+                      val_x.to(device) if val_x is not None else None, val_y, names)
 
 
 def _seed_for(seed: int, epoch: int, stream: int) -> int:
@@ -323,18 +349,42 @@ class Engine:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def end_epoch(self, row: dict[str, float]) -> None:
+        """Step a per-epoch scheduler (ReduceLROnPlateau) on the epoch's metric."""
+        if self.scheduler is None or self.per_step_scheduler:
+            return
+        fallback = row["train_loss"] if self.config.plateau_metric == "val_loss" else row["train_accuracy"]
+        self.scheduler.step(row.get(self.config.plateau_metric, fallback))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides the evaluated weights that an exact resume needs."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            # with EMA the checkpoint's model_state holds the EMA weights; keep the raw ones too
+            "model_state_raw": self.model.state_dict() if self.ema is not None else None,
+            "rng": _rng_state(self.setup.device),  # dropout draws from the global generator
+        }
+
+    def load_state_dict(self, state: dict[str, Any], model_state: dict[str, Tensor]) -> None:
+        """Inverse of state_dict; `model_state` is the checkpoint's weights (raw when no EMA)."""
+        self.model.load_state_dict(state.get("model_state_raw") or model_state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        for part, saved in ((self.scheduler, state.get("scheduler")), (self.scaler, state.get("scaler")),
+                            (self.ema, state.get("ema"))):
+            if part is not None and saved is not None:
+                part.load_state_dict(saved)
+        _set_rng_state(state["rng"], self.setup.device)
+
     def train_epoch(self, epoch: int, images: Tensor, labels: Tensor, flags: Tensor | None, order: Tensor,
                     generator: torch.Generator | None, max_steps: int | None = None,
                     progress: EpochProgress | None = None) -> dict[str, float]:
         """One pass over `order` (indices on the device). Returns loss, accuracy, images, seconds."""
         model, setup, batch_size = self.model, self.setup, self.config.batch_size
         model.train()
-        n = order.numel()
-        steps = math.ceil(n / batch_size)
-        if steps > 1 and n % batch_size == 1:
-            steps -= 1  # a final batch of one sample breaks BatchNorm in train mode
-        if max_steps is not None:
-            steps = min(steps, max_steps)
+        steps = steps_per_epoch(order.numel(), batch_size, max_steps)
         device = setup.device
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -501,21 +551,142 @@ _RESUME_FIELDS = ("batch_size", "lr", "optimizer", "weight_decay", "scheduler", 
                   "ema_decay", "upsample", "weighted_sampling", "class_weights", "max_steps_per_epoch")
 
 
-def _warn_config_changes(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
-    """A resumed run continues exactly only with the same settings: say which ones differ."""
-    now = config.to_dict()
-    changed = [k for k in _RESUME_FIELDS if k in saved and saved[k] != now.get(k)]
-    if changed:
-        warnings.warn(f"resuming {path} with changed settings {changed}: the run will not match an "
-                      "uninterrupted one", stacklevel=3)
-
-
 def summary_line(row: dict[str, float], epochs: int) -> str:
     val = ""
     if "val_loss" in row:
         val = f" | val loss {row['val_loss']:.3f} acc {100 * row['val_accuracy']:.1f}%"
     return (f"epoch {row['epoch']}/{epochs} loss {row['train_loss']:.3f} acc {100 * row['train_accuracy']:.1f}%"
             f"{val} | lr {row['lr']:.1e} | {row['seconds']:.1f}s {row['img_per_s']:,.0f} img/s")
+
+
+@contextlib.contextmanager
+def _own_run_folder(run_dir: Path | None) -> Iterator[None]:
+    """Hold an OS lock on run_dir/.lock while training, so two trainings never share a folder.
+
+    The lock dies with the process (a killed run leaves no stale lock). Without fcntl
+    (Windows) folders are not locked.
+    """
+    if run_dir is None or fcntl is None:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            raise RunFolderBusyError(f"{run_dir} is in use by another training (process {owner}); "
+                                     "wait for it or choose another run_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@dataclass
+class _RunRecord:
+    """The run's bookkeeping besides the engine: history, best epoch, early-stopping count."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_accuracy: float | None = None
+    bad_epochs: int = 0
+    epochs_done: int = 0
+    best_state: dict[str, Tensor] | None = None  # best weights of this call, kept in memory
+
+    def add(self, row: dict[str, float], eval_model: nn.Module) -> bool:
+        """Append an epoch; True when it is the new best (always, without validation)."""
+        self.history.append(row)
+        self.epochs_done = row["epoch"]
+        score = row.get("val_accuracy")
+        if score is not None and self.best_accuracy is not None and score <= self.best_accuracy:
+            self.bad_epochs += 1
+            return False
+        self.best_epoch, self.best_accuracy, self.bad_epochs = row["epoch"], score, 0
+        self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in eval_model.state_dict().items()}
+        return True
+
+    def patience_spent(self, config: TrainConfig) -> bool:
+        return bool(config.early_stopping_patience) and self.bad_epochs >= config.early_stopping_patience
+
+
+def _run_identity(model: nn.Module, data: _TrainData, config: TrainConfig, steps: int) -> dict[str, Any]:
+    """What a resumed run must share with the saved one to continue it."""
+    return {"model_name": getattr(model, "registry_name", None), "train_images": int(data.labels.numel()),
+            "label_counts": torch.bincount(data.labels.cpu()).tolist(), "epochs": config.epochs,
+            "steps_per_epoch": steps, "scheduler": config.scheduler}
+
+
+def _check_resumable(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
+    """Refuse, before training, a resume that could not continue the saved run."""
+    if saved.get("model_name") and now["model_name"] and saved["model_name"] != now["model_name"]:
+        raise ResumeError(f"{path} holds a {saved['model_name']!r} run; this call trains {now['model_name']!r}")
+    for key, what in (("train_images", "training images"), ("label_counts", "training labels per class")):
+        if key in saved and saved[key] != now[key]:
+            raise ResumeError(f"{path} was trained on other data ({what}: {saved[key]} then, {now[key]} now)")
+    # one-cycle and cosine schedules are laid out over epochs x steps when the run starts: a
+    # different length cannot continue them (one-cycle would fail mid-run, cosine jump back)
+    per_step = now["scheduler"] in ("onecycle", "cosine")
+    for key in ("epochs", "steps_per_epoch"):
+        if per_step and key in saved and saved[key] != now[key]:
+            raise ResumeError(f"{path}: the {now['scheduler']} schedule was built for {key}={saved[key]}, "
+                              f"this call asks {now[key]}; resume with {key}={saved[key]} or start a new run")
+
+
+def _resume(engine: Engine, path: Path, config: TrainConfig, identity: dict[str, Any]) -> _RunRecord:
+    ckpt = load_checkpoint(path, map_location=engine.setup.device)
+    state = ckpt.get("train_state")
+    if state is None:
+        raise ResumeError(f"checkpoint {path} has no train_state (a 'best' checkpoint?); resume from last.pt")
+    _check_resumable({"model_name": ckpt.get("model_name"), **(state.get("run") or {})}, identity, path)
+    try:
+        engine.load_state_dict(state, ckpt["model_state"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ResumeError(f"{path} does not fit this model ({identity['model_name'] or 'unregistered'}): "
+                          f"{str(exc).splitlines()[0]}") from exc
+    now, saved = config.to_dict(), ckpt.get("config") or {}
+    changed = [k for k in _RESUME_FIELDS if k in saved and saved[k] != now.get(k)]
+    if changed:
+        warnings.warn(f"resuming {path} with changed settings {changed}: the run will not match an "
+                      "uninterrupted one", stacklevel=3)
+    return _RunRecord(list(ckpt.get("history") or []), ckpt.get("best_epoch") or 0,
+                      ckpt.get("best_val_accuracy"), int(state.get("bad_epochs", 0)), int(ckpt["epoch"]))
+
+
+def _run_epoch(engine: Engine, data: _TrainData, epoch: int, mode: str) -> dict[str, float]:
+    """Train one epoch in its seeded order and augmentation, then validate: the history row."""
+    config, started = engine.config, time.perf_counter()
+    order_gen = torch.Generator().manual_seed(_seed_for(config.seed, epoch, 0))
+    n = data.labels.numel()
+    if data.sample_weight is not None:
+        order = torch.multinomial(data.sample_weight, n, replacement=True, generator=order_gen)
+    else:
+        order = torch.randperm(n, generator=order_gen)
+    augment_gen = torch.Generator().manual_seed(_seed_for(config.seed, epoch, 1))
+    lr = engine.lr()
+    steps = steps_per_epoch(n, config.batch_size, config.max_steps_per_epoch)
+    progress = EpochProgress(mode, epoch, config.epochs, steps) if mode != "off" else None
+    try:
+        stats = engine.train_epoch(epoch, data.images, data.labels, data.flags, order.to(engine.setup.device),
+                                   augment_gen, max_steps=config.max_steps_per_epoch, progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    row = {"epoch": epoch, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"]}
+    if data.val_images is not None:
+        val = _metrics(_logits(engine.eval_model, data.val_images, engine.setup, config.eval_batch_size, "none"),
+                       data.val_labels)
+        row["val_loss"], row["val_accuracy"] = val["loss"], val["accuracy"]
+    row["lr"] = lr
+    row["seconds"] = time.perf_counter() - started
+    row["img_per_s"] = stats["images"] / max(stats["seconds"], 1e-9)
+    row["images"] = stats["images"]  # trained this epoch: what bounds a run's work
+    return row
 
 
 def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None = None, *, tracker: Any = None,
@@ -527,187 +698,98 @@ def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None
     train / val: objects with .images uint8 (N,48,48) and .labels int64 (fer_lib.data.Split)
         or (images, labels) pairs; val may be None (then the last epoch counts as best).
     tracker: duck-typed .log(dict, step=), .log_summary(dict), .log_artifact(path, name, type).
-    run_dir: folder for best.pt / last.pt (None: keep the best weights in memory only).
+    run_dir: folder for best.pt / last.pt (None: keep the best weights in memory only). One
+        training at a time owns it (RunFolderBusyError for a second one).
     resume: True (run_dir/last.pt) or a checkpoint path: continue that run to config.epochs.
+        The model, the training data and (for one-cycle/cosine) the schedule's length must
+        match the saved run, else ResumeError before any training.
     Returns FitResult with the model holding the best (EMA if enabled) weights.
     """
     config = config or TrainConfig()
     wall_start = time.perf_counter()
     resume_path = None
     if resume:
-        if resume is True:
-            if run_dir is None:
-                raise ValueError("fit(resume=True) needs run_dir (it resumes from run_dir/last.pt)")
-            resume_path = Path(run_dir) / "last.pt"
-        else:
+        if resume is not True:
             resume_path = Path(resume)
             run_dir = run_dir if run_dir is not None else resume_path.parent
+        elif run_dir is None:
+            raise ValueError("fit(resume=True) needs run_dir (it resumes from run_dir/last.pt)")
+        else:
+            resume_path = Path(run_dir) / "last.pt"
     run_dir = Path(run_dir) if run_dir is not None else None
     if resume_path is None:
         torch.manual_seed(config.seed)
     model = _as_model(model)
     setup = resolve_device(config.device, config.precision, config.channels_last, compile=config.compile, model=model)
     mode = progress_mode(config.progress)
-
-    train_x, train_y = _arrays(train, "train")
-    if train_y is None:
-        raise ValueError("train split has no labels")
-    val_x = val_y = None
-    if val is not None:
-        val_x, val_y = _arrays(val, "val")
-        if val_y is None:
-            raise ValueError("val split has no labels")
-    class_names = tuple(class_names) if class_names is not None else _class_names(train)
-    num_classes = max(int(train_y.max()) + 1, len(class_names) if class_names else 0)
-
-    flags = None
-    if config.upsample:
-        train_x, train_y, flags = _upsample(train_x, train_y, config.seed)
-    class_weight = _inverse_frequency(train_y, num_classes) if config.class_weights else None
-    sample_weight = None
-    if config.weighted_sampling:
-        counts = torch.bincount(train_y, minlength=num_classes).double()
-        sample_weight = (1.0 / counts.clamp(min=1))[train_y]
-
-    device = setup.device
-    n_train = train_x.shape[0]
-    steps_per_epoch = math.ceil(n_train / config.batch_size)
-    if steps_per_epoch > 1 and n_train % config.batch_size == 1:
-        steps_per_epoch -= 1
-    if config.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    engine = Engine(model, config, setup, steps_per_epoch, class_weight)
-    train_x, train_y = train_x.to(device), train_y.to(device)
-    flags = flags.to(device) if flags is not None else None
-    if val_x is not None:
-        val_x = val_x.to(device)
-
-    history: list[dict[str, float]] = []
-    best_epoch, best_acc, best_state, bad_epochs, start_epoch = 0, None, None, 0, 1
+    data = _prepare_data(train, val, config, class_names, setup.device)
+    steps = steps_per_epoch(data.labels.numel(), config.batch_size, config.max_steps_per_epoch)
+    engine = Engine(model, config, setup, steps, data.class_weight)
+    identity = _run_identity(model, data, config, steps)
+    meta = {"config": config.to_dict(), "class_names": data.class_names, "model_name": identity["model_name"],
+            "model_kwargs": getattr(model, "registry_kwargs", None)}
     best_path = run_dir / "best.pt" if run_dir is not None else None
     last_path = run_dir / "last.pt" if run_dir is not None else None
-    meta = {"config": config.to_dict(), "class_names": class_names,
-            "model_name": getattr(model, "registry_name", None), "model_kwargs": getattr(model, "registry_kwargs", None)}
-
-    if resume_path is not None:
-        ckpt = load_checkpoint(resume_path, map_location=device)
-        ts = ckpt.get("train_state")
-        if ts is None:
-            raise ValueError(f"checkpoint {resume_path} has no train_state (a 'best' checkpoint?); resume from last.pt")
-        model.load_state_dict(ts.get("model_state_raw") or ckpt["model_state"])
-        engine.optimizer.load_state_dict(ts["optimizer"])
-        if engine.scheduler is not None and ts.get("scheduler") is not None:
-            engine.scheduler.load_state_dict(ts["scheduler"])
-        if engine.scaler is not None and ts.get("scaler") is not None:
-            engine.scaler.load_state_dict(ts["scaler"])
-        if engine.ema is not None and ts.get("ema") is not None:
-            engine.ema.load_state_dict(ts["ema"])
-        _warn_config_changes(ckpt.get("config") or {}, config, resume_path)
-        history = list(ckpt.get("history") or [])
-        best_epoch, best_acc = ckpt.get("best_epoch") or 0, ckpt.get("best_val_accuracy")
-        bad_epochs = int(ts.get("bad_epochs", 0))
-        start_epoch = int(ckpt["epoch"]) + 1
-        _set_rng_state(ts["rng"], device)
-        if mode != "off":
-            print(f"resumed from {resume_path} after epoch {ckpt['epoch']}", flush=True)
-
-    if mode != "off" and start_epoch == 1:
-        print(f"training on {setup.describe()}: {n_train:,} images, {steps_per_epoch} steps/epoch", flush=True)
 
     stopped_early = False
-    for epoch in range(start_epoch, config.epochs + 1):
-        if bad_epochs and config.early_stopping_patience and bad_epochs >= config.early_stopping_patience:
-            stopped_early = True
-            break
-        epoch_start = time.perf_counter()
-        order_gen = torch.Generator().manual_seed(_seed_for(config.seed, epoch, 0))
-        if sample_weight is not None:
-            order = torch.multinomial(sample_weight, n_train, replacement=True, generator=order_gen)
-        else:
-            order = torch.randperm(n_train, generator=order_gen)
-        order = order.to(device)
-        augment_gen = torch.Generator().manual_seed(_seed_for(config.seed, epoch, 1))
-        lr = engine.lr()
-        progress = EpochProgress(mode, epoch, config.epochs, steps_per_epoch) if mode != "off" else None
-        try:
-            stats = engine.train_epoch(epoch, train_x, train_y, flags, order, augment_gen,
-                                       max_steps=config.max_steps_per_epoch, progress=progress)
-        finally:
-            if progress is not None:
-                progress.close()
-        row = {"epoch": epoch, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"]}
-        if val_x is not None:
-            val_metrics = _metrics(_logits(engine.eval_model, val_x, setup, config.eval_batch_size, "none"), val_y)
-            row["val_loss"], row["val_accuracy"] = val_metrics["loss"], val_metrics["accuracy"]
-        row["lr"] = lr
-        row["seconds"] = time.perf_counter() - epoch_start
-        row["img_per_s"] = stats["images"] / max(stats["seconds"], 1e-9)
-        row["images"] = stats["images"]  # trained this epoch: what bounds a run's work
-        history.append(row)
-
-        stop_now = bool(config.early_stopping_patience) and epoch < config.epochs  # decided below
-        if engine.scheduler is not None and not engine.per_step_scheduler:
-            metric = row.get(config.plateau_metric, row["train_loss"] if config.plateau_metric == "val_loss" else row["train_accuracy"])
-            engine.scheduler.step(metric)
-
-        score = row.get("val_accuracy")
-        # without validation the latest epoch is the one kept
-        improved = score is None or best_acc is None or score > best_acc
-        if improved:
-            best_epoch, best_acc, bad_epochs = epoch, score, 0
-            if best_path is not None:
-                save_checkpoint(best_path, engine.eval_model, epoch=epoch, metrics=row, history=history,
-                                best_epoch=best_epoch, best_val_accuracy=best_acc, **meta)
-            else:
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in engine.eval_model.state_dict().items()}
-        else:
-            bad_epochs += 1
-        stop_now = stop_now and bad_epochs >= config.early_stopping_patience
-
-        if last_path is not None and (config.checkpoint_every_epoch or epoch == config.epochs or stop_now):
-            train_state = {
-                "optimizer": engine.optimizer.state_dict(),
-                "scheduler": engine.scheduler.state_dict() if engine.scheduler is not None else None,
-                "scaler": engine.scaler.state_dict() if engine.scaler is not None else None,
-                "ema": engine.ema.state_dict() if engine.ema is not None else None,
-                "model_state_raw": model.state_dict() if engine.ema is not None else None,
-                "bad_epochs": bad_epochs,
-                "rng": _rng_state(device),
-            }
-            save_checkpoint(last_path, engine.eval_model, epoch=epoch, metrics=row, history=history,
-                            best_epoch=best_epoch, best_val_accuracy=best_acc, train_state=train_state, **meta)
-        if mode != "off":
-            print(summary_line(row, config.epochs), flush=True)
-        if tracker is not None:
-            tracker.log(dict(row), step=epoch)
-        if stop_now:
-            stopped_early = True
+    with _own_run_folder(run_dir):
+        record = _RunRecord()
+        if resume_path is not None:
+            record = _resume(engine, resume_path, config, identity)
             if mode != "off":
-                print(f"early stopping: no better val accuracy for {bad_epochs} epochs "
-                      f"(best {100 * best_acc:.2f}% at epoch {best_epoch})", flush=True)
-            break
+                print(f"resumed from {resume_path} after epoch {record.epochs_done}", flush=True)
+        elif mode != "off":
+            print(f"training on {setup.describe()}: {data.labels.numel():,} images, {steps} steps/epoch", flush=True)
 
-    # the returned model holds the best weights (EMA weights when EMA is on)
-    if best_path is not None and best_path.exists():
-        model.load_state_dict(load_checkpoint(best_path, map_location=device)["model_state"])
-    elif best_state is not None:
-        model.load_state_dict(best_state)
-    elif engine.ema is not None:
-        model.load_state_dict(engine.ema.module.state_dict())
+        for epoch in range(record.epochs_done + 1, config.epochs + 1):
+            if record.patience_spent(config):  # a resumed run that had already stopped early
+                stopped_early = True
+                break
+            row = _run_epoch(engine, data, epoch, mode)
+            engine.end_epoch(row)
+            improved = record.add(row, engine.eval_model)
+            stop_now = epoch < config.epochs and record.patience_spent(config)
+            saved = {"metrics": row, "history": record.history, "best_epoch": record.best_epoch,
+                     "best_val_accuracy": record.best_accuracy, **meta}
+            if improved and best_path is not None:
+                save_checkpoint(best_path, engine.eval_model, epoch=epoch, **saved)
+            if last_path is not None and (config.checkpoint_every_epoch or epoch == config.epochs or stop_now):
+                train_state = {**engine.state_dict(), "bad_epochs": record.bad_epochs, "run": identity}
+                save_checkpoint(last_path, engine.eval_model, epoch=epoch, train_state=train_state, **saved)
+            if mode != "off":
+                print(summary_line(row, config.epochs), flush=True)
+            if tracker is not None:
+                tracker.log(dict(row), step=epoch)
+            if stop_now:
+                stopped_early = True
+                if mode != "off":
+                    print(f"early stopping: no better val accuracy for {record.bad_epochs} epochs "
+                          f"(best {100 * record.best_accuracy:.2f}% at epoch {record.best_epoch})", flush=True)
+                break
+
+        # Return the best weights (EMA when on) from memory; only a resume whose best epoch
+        # came before it reads best.pt, written by this run (the folder is ours while locked).
+        if record.best_state is not None:
+            model.load_state_dict(record.best_state)
+        elif best_path is not None and best_path.exists():
+            model.load_state_dict(load_checkpoint(best_path, map_location=setup.device)["model_state"])
+        elif engine.ema is not None:
+            model.load_state_dict(engine.ema.module.state_dict())
     model.eval()
 
     final: dict[str, float] = {}
-    if val_x is not None and config.tta != "none":
-        tta_metrics = _metrics(_logits(model, val_x, setup, config.eval_batch_size, config.tta), val_y)
-        final = {f"val_loss_tta_{config.tta}": tta_metrics["loss"], f"val_accuracy_tta_{config.tta}": tta_metrics["accuracy"]}
+    if data.val_images is not None and config.tta != "none":
+        tta = _metrics(_logits(model, data.val_images, setup, config.eval_batch_size, config.tta), data.val_labels)
+        final = {f"val_loss_tta_{config.tta}": tta["loss"], f"val_accuracy_tta_{config.tta}": tta["accuracy"]}
     wall = time.perf_counter() - wall_start
+    best_file = best_path if best_path is not None and best_path.exists() else None
     if tracker is not None:
-        tracker.log_summary({"best_epoch": best_epoch, "best_val_accuracy": best_acc, "wall_seconds": wall,
-                             "stopped_early": stopped_early, **final})
-        if best_path is not None and best_path.exists():
-            tracker.log_artifact(best_path, name=f"{meta['model_name'] or 'model'}-best", type="model")
-    return FitResult(history=history, best_epoch=best_epoch, best_val_accuracy=best_acc,
-                     best_checkpoint=best_path if best_path is not None and best_path.exists() else None,
+        tracker.log_summary({"best_epoch": record.best_epoch, "best_val_accuracy": record.best_accuracy,
+                             "wall_seconds": wall, "stopped_early": stopped_early, **final})
+        if best_file is not None:
+            tracker.log_artifact(best_file, name=f"{meta['model_name'] or 'model'}-best", type="model")
+    return FitResult(history=record.history, best_epoch=record.best_epoch, best_val_accuracy=record.best_accuracy,
+                     best_checkpoint=best_file,
                      last_checkpoint=last_path if last_path is not None and last_path.exists() else None,
                      model=model, wall_seconds=wall, stopped_early=stopped_early, final_metrics=final, setup=setup)
 

@@ -3,13 +3,11 @@
 The smoke runs execute each notebook with papermill in the `smoke` profile: a few batches on
 the real FER2013 file when FER2013_PATH is set, otherwise on a small generated CSV.
 """
-import ast
 import csv
 import json
 import os
 import subprocess
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import nbformat

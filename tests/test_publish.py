@@ -89,7 +89,7 @@ def executed_notebook(name, n, run_root, home, *, record=True, extra_png=0):
                            "\x1b[0;31mValueError\x1b[0m  Traceback (most recent call last)",
                            f"File \x1b[0;32m{FOREIGN_CHECKOUT}/fer_lib/training.py:88\x1b[0m, "
                            "in \x1b[0;36mfit\x1b[0;34m()",
-                           f"File \x1b[0;32m/opt/conda/lib/python3.11/warnings.py:10\x1b[0m",
+                           "File \x1b[0;32m/opt/conda/lib/python3.11/warnings.py:10\x1b[0m",
                            f"File {WINDOWS_PATH}:3",
                        ]),
         ]),

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from fer_lib import checkpoint as ckpt_mod
+from fer_lib.checkpoint import load_checkpoint, load_model, save_checkpoint
 from fer_lib.device import EpochProgress, cpu_has_bf16, progress_mode, resolve_device
 from fer_lib.synthetic import make_images
 from fer_lib.training import (
@@ -15,11 +16,8 @@ from fer_lib.training import (
     TrainConfig,
     evaluate,
     fit,
-    load_checkpoint,
-    load_model,
     overfit_check,
     predict_logits,
-    save_checkpoint,
 )
 
 
@@ -289,3 +287,106 @@ def test_balancing_options_and_schedulers_run(data):
     lrs = [r["lr"] for r in plateau.history]
     assert lrs == sorted(lrs, reverse=True)
     assert all(math.log2(1e-2 / lr) == pytest.approx(round(math.log2(1e-2 / lr))) for lr in lrs)
+
+
+# ---- faults: one run folder per training, resume only what can be continued, best from memory
+
+_HOLD_FOLDER = """
+import sys, time, torch
+from torch import nn
+from fer_lib.synthetic import make_images
+from fer_lib.training import TrainConfig, fit
+
+class Slow(nn.Module):  # slow enough that the parent acts while this run trains
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(48 * 48, 7)
+    def forward(self, x):
+        time.sleep(0.05)
+        return self.head(x.flatten(1))
+
+fit(Slow(), make_images(64, seed=0), None, TrainConfig(epochs=1000, batch_size=32, device="cpu", progress=False),
+    run_dir=sys.argv[1])
+"""
+
+
+def test_a_second_training_into_the_same_run_folder_is_refused(data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fer_lib.training import RunFolderBusyError
+
+    run_dir = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, "-c", _HOLD_FOLDER, str(run_dir)])
+    try:
+        deadline = time.monotonic() + 60
+        while not ((run_dir / "last.pt").exists() or time.monotonic() > deadline):
+            time.sleep(0.1)  # the child holds the folder from before its first epoch
+        assert (run_dir / ".lock").read_text() == str(child.pid)
+        with pytest.raises(RunFolderBusyError, match=rf"in use by another training \(process {child.pid}\)"):
+            fit(tiny(), *data, TrainConfig(**CFG), run_dir=run_dir)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    # the lock died with its process: the folder is free again, no stale lock to clean
+    assert fit(tiny(), *data, TrainConfig(**CFG), run_dir=run_dir).best_checkpoint == run_dir / "best.pt"
+
+
+class _OverwriteBest:
+    """A tracker that, like another process, writes other weights to best.pt during the run."""
+
+    def __init__(self, path, model):
+        self.path, self.model = path, model
+
+    def log(self, row, step=None):
+        save_checkpoint(self.path, self.model, epoch=99)
+
+    def log_summary(self, values):
+        pass
+
+    def log_artifact(self, path, name, type):
+        pass
+
+
+def test_fit_returns_the_model_it_trained_not_what_is_on_disk(data, tmp_path):
+    intruder = tiny(seed=42)
+    result = fit(tiny(), *data, TrainConfig(**CFG), run_dir=tmp_path,
+                 tracker=_OverwriteBest(tmp_path / "best.pt", intruder))
+    ours, theirs = result.model.state_dict(), intruder.state_dict()
+    assert not torch.equal(ours["head.weight"], theirs["head.weight"])
+    again = fit(tiny(), *data, TrainConfig(**CFG))  # the same run without a folder
+    assert all(torch.equal(ours[k], again.model.state_dict()[k]) for k in ours)
+
+
+def test_resume_refuses_a_longer_one_cycle_schedule_before_training(data, tmp_path):
+    from fer_lib.training import ResumeError
+
+    fit(tiny(), *data, TrainConfig(**{**CFG, "scheduler": "onecycle"}), run_dir=tmp_path)
+    before = load_checkpoint(tmp_path / "last.pt")
+    with pytest.raises(ResumeError, match=r"last\.pt: the onecycle schedule was built for epochs=2, this call asks 3"):
+        fit(tiny(), *data, TrainConfig(**{**CFG, "scheduler": "onecycle", "epochs": 3}), run_dir=tmp_path,
+            resume=True)
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == before["epoch"] == 2  # nothing trained
+
+
+def test_resume_with_more_epochs_continues_a_run_without_a_per_step_schedule(data, tmp_path):
+    fit(tiny(), *data, TrainConfig(**CFG), run_dir=tmp_path)
+    longer = fit(tiny(), *data, TrainConfig(**{**CFG, "epochs": 3}), run_dir=tmp_path, resume=True)
+    assert [row["epoch"] for row in longer.history] == [1, 2, 3]
+
+
+def test_resume_refuses_another_model_or_other_data_naming_the_file(data, tmp_path):
+    from fer_lib.training import ResumeError
+
+    train, val = data
+    fit("exp1_mlp", train, val, TrainConfig(**CFG), run_dir=tmp_path)
+    with pytest.raises(ResumeError, match=r"last\.pt holds a 'exp1_mlp' run; this call trains 'exp3_cnn'"):
+        fit("exp3_cnn", train, val, TrainConfig(**CFG), run_dir=tmp_path, resume=True)
+    from fer_lib.models import create_model
+
+    with pytest.raises(ResumeError, match=r"last\.pt does not fit this model \(exp1_mlp\)"):
+        fit(create_model("exp1_mlp", hidden_dim=32), train, val, TrainConfig(**CFG), run_dir=tmp_path, resume=True)
+    with pytest.raises(ResumeError, match=r"last\.pt was trained on other data \(training images: 128 then, 64 now\)"):
+        fit("exp1_mlp", val, val, TrainConfig(**CFG), run_dir=tmp_path, resume=True)
