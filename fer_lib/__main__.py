@@ -206,10 +206,10 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
                            dynamic_batch=not args.static_batch, metadata=metadata)
         print(f"wrote {path}", file=sys.stderr)
         if not args.no_check:
-            in_chans = int(metadata["model"]["kwargs"].get("in_chans", 1))
-            batch = torch.randn(1 if args.static_batch else 8, in_chans, size, size,
-                                generator=torch.Generator().manual_seed(0))
-            diff = check_onnx_parity(model, path, batch)
+            faces = torch.randint(0, 256, (1 if args.static_batch else 8, 48, 48), dtype=torch.uint8,
+                                  generator=torch.Generator().manual_seed(0))
+            norm = metadata["normalization"]
+            diff = check_onnx_parity(model, path, faces, mean=norm["mean"], std=norm["std"], input_size=size)
             print(f"max abs logit difference PyTorch vs onnxruntime: {diff:.2e}")
             if diff > 1e-3:
                 _error(f"{path}: ONNX output differs from PyTorch by {diff:.2e}")

@@ -1,15 +1,16 @@
-"""Evaluation: metrics, plots, test-time augmentation (TTA), ensembles and result tables.
+"""Evaluation: metrics, plots, ensembles and result tables.
 
 Everything here works on plain arrays/tensors so that notebooks can evaluate any model the
 same way: `classification_metrics` for numbers, `plot_*` for figures (each returns a
 matplotlib Figure and never calls `plt.show()`, so notebooks and tests decide what to do
-with it), `tta_logits` / `ensemble_probs` for predictions, `results_table` / `to_markdown`
+with it), `ensemble_probs` to combine models' predictions (which come from the one
+inference path, `fer_lib.inference`), `results_table` / `to_markdown`
 to put our measured numbers beside the numbers the experiment reports claimed.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,8 +19,6 @@ if TYPE_CHECKING:  # heavy imports stay lazy: importing fer_lib.evaluation must 
     import pandas as pd
     import torch
     from matplotlib.figure import Figure
-
-TTA_MODES = ("none", "flip", "tencrop", "flip_translate")
 
 
 # --------------------------------------------------------------------------------------
@@ -355,139 +354,13 @@ def plot_time_to_accuracy(curves: Mapping[str, Sequence[tuple[float, float]]]) -
 # --------------------------------------------------------------------------------------
 # test-time augmentation and ensembles
 # --------------------------------------------------------------------------------------
-def _default_preprocess(images_uint8: torch.Tensor) -> torch.Tensor:
-    """The training pipeline's normalisation (fer_lib.augment.to_float), imported lazily."""
-    from fer_lib.augment import to_float
-
-    return to_float(images_uint8)
-
-
-def _views(
-    batch: torch.Tensor, mode: str, crop_size: int | None, fill: float, shift: int
-) -> list[torch.Tensor]:
-    """The TTA views of a normalised batch (B, C, H, W)."""
-    import torch
-
-    if mode == "none":
-        return [batch]
-    if mode == "flip":
-        return [batch, torch.flip(batch, dims=[-1])]
-    height, width = batch.shape[-2:]
-    if mode == "tencrop":
-        size = int(crop_size)  # validated by tta_logits
-        corners = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size),
-                   ((height - size) // 2, (width - size) // 2)]
-        crops = [batch[..., top:top + size, left:left + size] for top, left in corners]
-        return crops + [torch.flip(crop, dims=[-1]) for crop in crops]
-    # flip_translate: the image and its mirror, each also shifted by `shift` pixels in the 4
-    # directions. Uncovered pixels get the normalised value of a black pixel, like the
-    # zero padding of Pad(4) + RandomCrop(48) used in training.
-    padded = torch.nn.functional.pad(batch, (shift, shift, shift, shift), value=fill)
-    views = []
-    for source in (padded, torch.flip(padded, dims=[-1])):
-        for dy, dx in ((0, 0), (-shift, 0), (shift, 0), (0, -shift), (0, shift)):
-            top, left = shift + dy, shift + dx
-            views.append(source[..., top:top + height, left:left + width])
-    return views
-
-
-def tta_logits(
-    model: torch.nn.Module,
-    images_uint8: Any,
-    *,
-    mode: str = "none",
-    crop_size: int | None = None,
-    batch_size: int = 512,
-    device: Any = None,
-    amp_dtype: torch.dtype | None = None,
-    preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    shift: int = 2,
-) -> torch.Tensor:
-    """Model outputs over test-time-augmented views, as CPU float32 (N, C).
-
-    Modes: "none" (the raw logits), "flip" (image + horizontal mirror), "tencrop" (4 corner
-    crops + the centre crop of `crop_size`, each also mirrored; for models trained on random
-    crops, e.g. 40x40 crops of 48x48 faces) and "flip_translate" (image and mirror, each also
-    shifted by `shift` pixels up/down/left/right: 10 views, for models trained at full size).
-
-    Views are combined by averaging softmax probabilities, and the log of that average is
-    returned: softmax() of the result gives the averaged probabilities, argmax gives the TTA
-    prediction, and cross-entropy on it is the loss of the averaged prediction. Averaging
-    probabilities (not logits) keeps one over-confident view from dominating. With mode
-    "none" the raw logits are returned unchanged (softmax of them is the probability too).
-
-    `preprocess` maps a uint8 batch (B, 1, H, W) to the normalised float input the model was
-    trained on; by default fer_lib.augment.to_float. The model is run in eval mode under
-    torch.inference_mode and put back into its previous train/eval mode afterwards.
-    `device` defaults to the device of the model's parameters; `amp_dtype` (e.g.
-    torch.bfloat16) enables autocast on that device.
-    """
-    import torch
-
-    if mode not in TTA_MODES:
-        raise ValueError(f"unknown TTA mode {mode!r}; expected one of {TTA_MODES}")
-    images = images_uint8 if isinstance(images_uint8, torch.Tensor) else torch.as_tensor(
-        np.asarray(images_uint8)
-    )
-    if images.ndim == 3:
-        images = images.unsqueeze(1)
-    if images.ndim != 4:
-        raise ValueError(
-            f"images_uint8 must have shape (N, H, W) or (N, 1, H, W), got {tuple(images.shape)}"
-        )
-    height, width = images.shape[-2:]
-    if mode == "tencrop":
-        if crop_size is None:
-            raise ValueError(
-                "mode='tencrop' needs crop_size (the crop size the model was trained on, e.g. 40)"
-            )
-        if not 0 < int(crop_size) <= min(height, width):
-            raise ValueError(f"crop_size={crop_size} does not fit images of {height}x{width}")
-    if mode == "flip_translate" and not 0 < shift < min(height, width):
-        raise ValueError(f"shift={shift} must be between 1 and the image size - 1")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    preprocess = preprocess or _default_preprocess
-    if device is None:
-        first = next(iter(model.parameters()), None)
-        device = first.device if first is not None else torch.device("cpu")
-    device = torch.device(device)
-    fill = 0.0
-    if mode == "flip_translate":
-        black = torch.zeros((1, 1, height, width), dtype=torch.uint8)
-        fill = float(preprocess(black).reshape(-1)[0])
-
-    was_training = model.training
-    model.eval()
-    outputs = []
-    try:
-        with torch.inference_mode(), torch.autocast(
-            device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None
-        ):
-            for start in range(0, images.shape[0], batch_size):
-                chunk = images[start:start + batch_size]
-                # uint8 crosses to the device (4x fewer bytes than float), then is normalised there
-                batch = preprocess(chunk.to(device, non_blocking=True))
-                views = _views(batch, mode, crop_size, fill, shift)
-                if mode == "none":
-                    outputs.append(model(batch).float().cpu())
-                    continue
-                probs = sum(torch.softmax(model(view).float(), dim=1) for view in views)
-                outputs.append(torch.log((probs / len(views)).clamp_min(1e-12)).cpu())
-    finally:
-        model.train(was_training)
-    if not outputs:
-        raise ValueError("images_uint8 is empty")
-    return torch.cat(outputs).float()
-
-
 def ensemble_probs(
     list_of_logits: Sequence[Any], weights: Sequence[float] | None = None
 ) -> torch.Tensor:
     """Weighted average of the softmax probabilities of several models: float (N, C).
 
     Each entry is an (N, C) logits tensor/array of one model on the same samples (e.g. from
-    tta_logits). Weights default to equal and are normalised to sum to 1.
+    fer_lib.inference.predict_logits). Weights default to equal and are normalised to sum to 1.
     """
     import torch
 

@@ -25,7 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from fer_lib.augment import MEAN, STD
 from fer_lib.fileio import atomic_path
+from fer_lib.inference import predict_logits, to_model_input
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -117,16 +119,24 @@ def _session(onnx_path: str | os.PathLike, threads: int | None = None):
                                 providers=["CPUExecutionProvider"])
 
 
-def check_onnx_parity(model: nn.Module, onnx_path: str | os.PathLike,
-                      batch: torch.Tensor | np.ndarray) -> float:
-    """Max abs difference between PyTorch (CPU, fp32, eval) and onnxruntime logits on `batch`."""
+def check_onnx_parity(model: nn.Module, onnx_path: str | os.PathLike, faces_uint8: torch.Tensor | np.ndarray, *,
+                      mean: float | list[float] = MEAN, std: float | list[float] = STD,
+                      input_size: int | None = None) -> float:
+    """Max abs logit difference between fer_lib's inference path and onnxruntime on uint8 faces.
+
+    The PyTorch side is `fer_lib.inference.predict_logits` (CPU, fp32, no TTA): the path every
+    reported accuracy and the photo predictor use. The ONNX model gets the same normalised input.
+    """
     import copy
 
-    reference_model = copy.deepcopy(model).float().cpu().eval()
-    x = torch.as_tensor(batch, dtype=torch.float32).cpu()
-    with torch.no_grad():
-        expected = reference_model(x).numpy()
-    got = _session(onnx_path).run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+    reference = copy.deepcopy(model).float().cpu().eval()
+    faces = torch.as_tensor(np.asarray(faces_uint8))
+    if faces.dim() == 3:
+        faces = faces.unsqueeze(1)
+    prepare = dict(mean=mean, std=std, input_size=input_size, in_chans=_first_conv_in_chans(reference))
+    expected = predict_logits(reference, faces, device="cpu", **prepare).numpy()
+    x = to_model_input(faces, **prepare).numpy()
+    got = _session(onnx_path).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
     if got.shape != expected.shape:
         raise ValueError(f"{onnx_path}: ONNX output shape {got.shape} != PyTorch "
                          f"{expected.shape}")

@@ -34,9 +34,9 @@ from typing import Any, Union
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from fer_lib.inference import predict_probs
 from fer_lib.weights_io import shipped_weights_path
 
 CASCADE_FILE = "haarcascade_frontalface_default.xml"
@@ -283,10 +283,6 @@ def crop_face(gray: np.ndarray, box: Sequence[int], margin: float = DEFAULT_MARG
 
 # --------------------------------------------------------------------------- prediction
 
-def _stat_tensor(value: float | Sequence[float]) -> torch.Tensor:
-    return torch.as_tensor(value, dtype=torch.float32).reshape(1, -1, 1, 1)
-
-
 class FacePredictor:
     """A model plus everything needed to apply it to photos (from `load_weights` metadata).
 
@@ -308,51 +304,30 @@ class FacePredictor:
         self.input_size = int(metadata.get("input_size", CROP_SIZE))
         self.in_chans = int(metadata.get("model", {}).get("kwargs", {}).get("in_chans", 1))
         norm = metadata["normalization"]
-        self._mean = _stat_tensor(norm["mean"]).to(self.device)
-        self._std = _stat_tensor(norm["std"]).to(self.device)
+        self.mean, self.std = norm["mean"], norm["std"]
         self.tta = tta
         self.margin = margin
         self.min_face_size = min_face_size
         self.detect_max_side = detect_max_side
         self.batch_size = batch_size
 
-    def preprocess(self, crops: np.ndarray) -> torch.Tensor:
-        """uint8 (N, 48, 48) face crops -> normalised float (N, in_chans, S, S) on the device.
-
-        Same arithmetic as training (pixel / 255, then (x - mean) / std). A model trained on
-        smaller inputs (e.g. 40x40 ten-crops) gets the centre crop of the 48x48 face (the view
-        it saw in training); a larger input size is reached by bilinear resizing.
-        """
-        x = torch.from_numpy(np.ascontiguousarray(crops)).to(self.device)
-        x = x.reshape(-1, 1, crops.shape[-2], crops.shape[-1]).float().div_(255.0)
-        size = self.input_size
-        if size < x.shape[-1]:
-            top = (x.shape[-1] - size) // 2
-            x = x[:, :, top:top + size, top:top + size]
-        elif size > x.shape[-1]:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        x = (x - self._mean) / self._std
-        if self.in_chans != x.shape[1]:
-            x = x.expand(-1, self.in_chans, -1, -1)
-        return x.contiguous()
-
     @torch.no_grad()
     def predict_crops(self, crops: np.ndarray) -> np.ndarray:
-        """Class probabilities float32 (N, num_classes) for uint8 face crops (N, 48, 48)."""
+        """Class probabilities float32 (N, num_classes) for uint8 face crops (N, 48, 48).
+
+        Through `fer_lib.inference.predict_probs`, the path every reported accuracy is measured
+        with: the training normalisation, then the model on the face (and, with tta "flip",
+        its mirror image: softmax probabilities averaged).
+        """
         crops = np.asarray(crops)
         if crops.dtype != np.uint8 or crops.ndim not in (3, 4):
             raise PredictionError(f"expected uint8 crops (N, 48, 48), got {crops.dtype} "
                                   f"{crops.shape}")
-        out = []
-        for start in range(0, len(crops), self.batch_size):
-            x = self.preprocess(crops[start:start + self.batch_size])
-            probs = F.softmax(self.model(x).float(), dim=1)
-            if self.tta == "flip":
-                probs = (probs + F.softmax(self.model(x.flip(-1)).float(), dim=1)) / 2
-            out.append(probs.cpu())
-        if not out:
+        if len(crops) == 0:
             return np.zeros((0, len(self.class_names)), np.float32)
-        return torch.cat(out).numpy()
+        probs = predict_probs(self.model, crops, tta=self.tta, batch_size=self.batch_size, device=self.device,
+                              mean=self.mean, std=self.std, input_size=self.input_size, in_chans=self.in_chans)
+        return probs.numpy()
 
     def _results(self, boxes: list[Box], probs: np.ndarray) -> list[dict[str, Any]]:
         return [{"box": [int(v) for v in box],

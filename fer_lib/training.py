@@ -1,4 +1,4 @@
-"""The training engine: fit / evaluate / predict_logits / overfit_check.
+"""The training engine: fit / evaluate / overfit_check.
 
 Hot path (why it is fast on a 2-core CPU): the whole split lives on the training device as
 one uint8 tensor (28,709 x 48 x 48 = 66 MB); each epoch draws a seeded permutation, slices
@@ -43,6 +43,7 @@ from fer_lib.balance import class_weights, upsample_to_max
 from fer_lib.checkpoint import load_checkpoint, save_checkpoint, to_plain
 from fer_lib.data import CLASS_NAMES
 from fer_lib.device import DeviceSetup, EpochProgress, progress_mode, resolve_device
+from fer_lib.inference import predict_logits
 
 __all__ = [
     "TrainConfig",
@@ -53,7 +54,6 @@ __all__ = [
     "Engine",
     "fit",
     "evaluate",
-    "predict_logits",
     "overfit_check",
     "steps_per_epoch",
     "summary_line",
@@ -449,29 +449,6 @@ class Engine:
         }
 
 
-@torch.inference_mode()
-def _logits(model: nn.Module, images: Tensor, setup: DeviceSetup, batch_size: int, tta: str) -> Tensor:
-    """Logits (N,C) float32 on setup.device for uint8 images (moved batch by batch)."""
-    if tta not in ("none", "flip"):
-        raise ValueError(f"tta must be 'none' or 'flip', got {tta!r}")
-    was_training = model.training
-    model.eval()
-    out = []
-    memory_format = setup.memory_format()
-    for start in range(0, images.shape[0], batch_size):
-        x = to_float(images[start:start + batch_size].to(setup.device, non_blocking=True))
-        x = x.contiguous(memory_format=memory_format)
-        with setup.autocast():
-            logits = model(x).float()
-            if tta == "flip":
-                logits = (logits + model(x.flip(-1)).float()) / 2
-        out.append(logits)
-    model.train(was_training)
-    if not out:
-        return torch.zeros(0, 0, device=setup.device)
-    return torch.cat(out)
-
-
 def _metrics(logits: Tensor, labels: Tensor) -> dict[str, Any]:
     labels = labels.to(logits.device)
     preds = logits.argmax(1)
@@ -484,40 +461,22 @@ def _metrics(logits: Tensor, labels: Tensor) -> dict[str, Any]:
     }
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _eval_setup(model: nn.Module, device, precision: str) -> DeviceSetup:
-    dev = _model_device(model) if device is None else device
-    return resolve_device(dev, precision=precision, channels_last=False)
-
-
 def evaluate(model: nn.Module, split, *, batch_size: int = 512, device=None, tta: str = "none",
-             precision: str = "fp32") -> dict[str, Any]:
+             precision: str = "fp32", setup: DeviceSetup | None = None) -> dict[str, Any]:
     """loss (mean cross-entropy), accuracy (0..1), logits (N,C), labels, preds: CPU tensors.
 
     split: an object with .images (uint8) and .labels (e.g. fer_lib.data.Split) or a pair.
-    device None: the model's device. tta="flip" averages the logits of image and mirror.
-    precision: "fp32" (default: exact numbers) or "auto"/"bf16" (faster where supported).
+    Predictions come from `fer_lib.inference.predict_logits`, the one inference path (the
+    photo predictor uses it too), with its meaning of `tta` (e.g. "flip": softmax of image
+    and mirror averaged). device None: the model's device. precision: "fp32" (default: exact
+    numbers) or "auto"/"bf16" (faster where supported); `setup` overrides both.
     """
     images, labels = _arrays(split, "evaluate")
     if labels is None:
-        raise ValueError("evaluate needs labels; use predict_logits for unlabelled images")
-    setup = _eval_setup(model, device, precision)
-    model.to(setup.device)
-    return _metrics(_logits(model, images, setup, batch_size, tta), labels)
-
-
-def predict_logits(model: nn.Module, images_uint8, *, batch_size: int = 512, tta: str = "none", device=None,
-                   precision: str = "fp32") -> Tensor:
-    """Raw logits (N, C) as a float32 CPU tensor for uint8 images (N,48,48) or (N,1,48,48)."""
-    images, _ = _arrays(images_uint8, "predict_logits")
-    setup = _eval_setup(model, device, precision)
-    model.to(setup.device)
-    return _logits(model, images, setup, batch_size, tta).cpu()
+        raise ValueError("evaluate needs labels; use fer_lib.inference.predict_logits for unlabelled images")
+    logits = predict_logits(model, images, tta=tta, batch_size=batch_size, device=device, precision=precision,
+                            setup=setup)
+    return _metrics(logits, labels)
 
 
 # --------------------------------------------------------------------------------------
@@ -679,8 +638,9 @@ def _run_epoch(engine: Engine, data: _TrainData, epoch: int, mode: str) -> dict[
             progress.close()
     row = {"epoch": epoch, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"]}
     if data.val_images is not None:
-        val = _metrics(_logits(engine.eval_model, data.val_images, engine.setup, config.eval_batch_size, "none"),
-                       data.val_labels)
+        logits = predict_logits(engine.eval_model, data.val_images, batch_size=config.eval_batch_size,
+                                setup=engine.setup)
+        val = _metrics(logits, data.val_labels)
         row["val_loss"], row["val_accuracy"] = val["loss"], val["accuracy"]
     row["lr"] = lr
     row["seconds"] = time.perf_counter() - started
@@ -779,7 +739,9 @@ def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None
 
     final: dict[str, float] = {}
     if data.val_images is not None and config.tta != "none":
-        tta = _metrics(_logits(model, data.val_images, setup, config.eval_batch_size, config.tta), data.val_labels)
+        logits = predict_logits(model, data.val_images, tta=config.tta, batch_size=config.eval_batch_size,
+                                setup=setup)
+        tta = _metrics(logits, data.val_labels)
         final = {f"val_loss_tta_{config.tta}": tta["loss"], f"val_accuracy_tta_{config.tta}": tta["accuracy"]}
     wall = time.perf_counter() - wall_start
     best_file = best_path if best_path is not None and best_path.exists() else None

@@ -10,7 +10,6 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 from fer_lib import evaluation  # noqa: E402
 
@@ -21,10 +20,6 @@ CLASSES = ("A", "B", "C", "D")  # D never occurs: its row/column must still be t
 def _close_figures():
     yield
     plt.close("all")
-
-
-def _scaled(x):
-    return x.float() / 255.0
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -145,121 +140,6 @@ def test_per_class_f1_beside_a_reference_and_history_overlay_and_curve():
     labels = [line.get_label() for line in fig2.axes[1].get_lines()]
     assert "val, earlier" in labels
     assert evaluation.history_curve(history) == [(2.0, 0.25), (5.0, 0.4)]
-
-
-# ------------------------------------------------------------------------------ TTA
-class ColumnReader(nn.Module):
-    """Logits from the first and last image columns: NOT flip invariant (flip swaps them)."""
-
-    def __init__(self):
-        super().__init__()
-        self.scale = nn.Parameter(torch.tensor(3.0))
-        self.calls = []
-
-    def forward(self, x):
-        self.calls.append(tuple(x.shape))
-        left = x[:, 0, :, 0].mean(dim=1)
-        right = x[:, 0, :, -1].mean(dim=1)
-        return self.scale * torch.stack([left, right, left * 0.0], dim=1)
-
-
-class MeanReader(nn.Module):
-    """Logits from the image mean: flip invariant."""
-
-    def __init__(self):
-        super().__init__()
-        self.weight = nn.Parameter(torch.tensor([1.0, -1.0, 0.5]))
-
-    def forward(self, x):
-        return x.mean(dim=(1, 2, 3))[:, None] * self.weight[None, :]
-
-
-def _images(n=5, seed=0):
-    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, 48, 48), dtype=np.uint8))
-
-
-def test_tta_none_returns_raw_logits():
-    model = ColumnReader()
-    images = _images()
-    out = evaluation.tta_logits(model, images, mode="none", preprocess=_scaled)
-    expected = model(_scaled(images).unsqueeze(1))
-    assert out.dtype == torch.float32 and out.device.type == "cpu"
-    torch.testing.assert_close(out, expected.detach())
-
-
-def test_tta_flip_changes_a_column_reader_but_not_a_flip_invariant_model():
-    images = _images()
-    invariant = MeanReader()
-    none = evaluation.tta_logits(invariant, images, mode="none", preprocess=_scaled)
-    flip = evaluation.tta_logits(invariant, images, mode="flip", preprocess=_scaled)
-    torch.testing.assert_close(flip, torch.log_softmax(none, dim=1), atol=1e-5, rtol=1e-5)
-
-    reader = ColumnReader()
-    none = evaluation.tta_logits(reader, images, mode="none", preprocess=_scaled)
-    flip = evaluation.tta_logits(reader, images, mode="flip", preprocess=_scaled)
-    assert not torch.allclose(torch.softmax(flip, 1), torch.softmax(none, 1), atol=1e-3)
-    x = _scaled(images).unsqueeze(1)
-    expected = (torch.softmax(reader(x), 1) + torch.softmax(reader(torch.flip(x, [-1])), 1)) / 2
-    torch.testing.assert_close(torch.softmax(flip, 1), expected.detach(), atol=1e-5, rtol=1e-5)
-
-
-def test_tta_tencrop_averages_ten_crops_of_crop_size():
-    reader = ColumnReader()
-    images = _images(n=4)
-    out = evaluation.tta_logits(reader, images, mode="tencrop", crop_size=40, preprocess=_scaled)
-    assert out.shape == (4, 3)
-    assert reader.calls == [(4, 1, 40, 40)] * 10
-    x = _scaled(images).unsqueeze(1)
-    crops = [x[..., t:t + 40, l:l + 40] for t, l in ((0, 0), (0, 8), (8, 0), (8, 8), (4, 4))]
-    crops += [torch.flip(c, [-1]) for c in crops]
-    expected = sum(torch.softmax(reader(c), 1) for c in crops) / 10
-    torch.testing.assert_close(torch.softmax(out, 1), expected.detach(), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="crop_size"):
-        evaluation.tta_logits(reader, images, mode="tencrop", preprocess=_scaled)
-
-
-def test_tta_flip_translate_pads_with_the_black_pixel_value():
-    seen = []
-
-    class TopLeft(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.ones(2))
-
-        def forward(self, x):
-            seen.append(x[:, 0, 0, 0].clone())
-            return x[:, 0, 0, :2] * self.w
-
-    images = torch.full((2, 48, 48), 255, dtype=torch.uint8)
-    # preprocess maps black (0) to -1 and white (255) to +1
-    out = evaluation.tta_logits(TopLeft(), images, mode="flip_translate",
-                                preprocess=lambda x: x.float() / 127.5 - 1.0)
-    assert out.shape == (2, 2) and len(seen) == 10
-    corner_values = sorted(float(v[0]) for v in seen)
-    # shifting down or right by 2 uncovers the top-left pixel: 4 of 10 views see black
-    assert corner_values == [-1.0] * 4 + [1.0] * 6
-
-
-def test_tta_batches_restore_training_mode_and_reject_bad_input():
-    reader = ColumnReader()
-    reader.train()
-    images = _images(n=7)
-    big = evaluation.tta_logits(reader, images, mode="flip", preprocess=_scaled)
-    small = evaluation.tta_logits(reader, images, mode="flip", batch_size=3, preprocess=_scaled)
-    torch.testing.assert_close(big, small)
-    assert reader.training
-    with pytest.raises(ValueError, match="unknown TTA mode"):
-        evaluation.tta_logits(reader, images, mode="rotate", preprocess=_scaled)
-    with pytest.raises(ValueError, match="shape"):
-        evaluation.tta_logits(reader, images[0, 0], preprocess=_scaled)
-
-
-def test_tta_default_preprocess_is_the_training_normalisation():
-    augment = pytest.importorskip("fer_lib.augment")
-    model = MeanReader()
-    images = _images(n=3)
-    out = evaluation.tta_logits(model, images, mode="none")
-    torch.testing.assert_close(out, model(augment.to_float(images)).detach())
 
 
 # ------------------------------------------------------------------------------ ensembles

@@ -23,9 +23,18 @@ from fer_lib import predict, weights_io
 from fer_lib.__main__ import EXIT_ERROR, EXIT_NO_FACE, EXIT_OK, main
 from fer_lib.data import CLASS_NAMES
 from fer_lib.models import create_model
-from fer_lib.predict import (FacePredictor, ImageReadError, MissingWeightsError, NoFaceError,
-                             annotate, crop_face, detect_faces, iter_video, load_predictor,
-                             read_image)
+from fer_lib.predict import (
+    FacePredictor,
+    ImageReadError,
+    MissingWeightsError,
+    NoFaceError,
+    annotate,
+    crop_face,
+    detect_faces,
+    iter_video,
+    load_predictor,
+    read_image,
+)
 
 MODEL_NAME = "exp3_cnn"
 
@@ -548,3 +557,40 @@ def test_shipped_default_weights_load_without_pickle_and_predict():
     predictor = predict.load_predictor()
     probs = predictor.predict_crops(np.full((2, 48, 48), 128, np.uint8))
     assert np.allclose(np.asarray(probs).sum(axis=1), 1.0, atol=1e-4)
+
+
+def _agreement(model, metadata, images, labels):
+    from fer_lib.training import evaluate
+
+    predictor = FacePredictor(model, metadata, tta="flip")
+    probs = predictor.predict_crops(images)
+    reported = evaluate(model, (images, labels), tta="flip")
+    return probs, reported
+
+
+def test_the_predictor_on_fer2013_crops_agrees_with_evaluate(tmp_path):
+    """The accuracy evaluate reports is measured exactly the way `predict` predicts."""
+    from fer_lib.augment import MEAN, STD
+    from fer_lib.synthetic import make_images
+    from fer_lib.weights_io import load_weights
+
+    # saved the way training saves weights: with the training normalisation
+    path = weights_io.save_weights(tmp_path, random_model(), model_name=MODEL_NAME, model_kwargs={},
+                                   class_names=CLASS_NAMES, mean=MEAN, std=STD, metrics={}, notes="test")
+    model, metadata = load_weights(path)
+    images, labels = make_images(64, seed=3)
+    probs, reported = _agreement(model, metadata, images, labels)
+    np.testing.assert_allclose(probs, reported["logits"].softmax(1).numpy(), atol=1e-6)
+    assert (probs.argmax(1) == reported["preds"].numpy()).all()
+
+
+@pytest.mark.realdata
+def test_the_shipped_model_on_real_publictest_faces_agrees_with_evaluate(real_fer2013_path):
+    from fer_lib.data import load_fer2013
+    from fer_lib.weights_io import load_weights
+
+    val = load_fer2013(real_fer2013_path).val
+    model, metadata = load_weights(predict.shipped_weights_path())
+    probs, reported = _agreement(model, metadata, val.images[:512], val.labels[:512])
+    assert (probs.argmax(1) == reported["preds"].numpy()).all()
+    assert float((probs.argmax(1) == val.labels[:512]).mean()) == pytest.approx(reported["accuracy"])

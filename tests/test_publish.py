@@ -16,11 +16,10 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
-
-from fer_lib.publish import (SUMMARY_COLUMNS, PublishError, find_absolute_paths, make_scrubber,
-                             publish_series)
-from fer_lib.results import claim_row
 from path_check import absolute_paths, strings  # tests/ is on sys.path
+
+from fer_lib.publish import SUMMARY_COLUMNS, PublishError, find_absolute_paths, make_scrubber, publish_series
+from fer_lib.results import claim_row
 from fer_lib.series import NOTEBOOKS, load_timings, main, merge_timings, summarise_series
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"

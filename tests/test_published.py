@@ -12,9 +12,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from path_check import absolute_paths, strings  # tests/ is on sys.path
 
 from fer_lib.results import RESULTS_MIMETYPE
-from path_check import absolute_paths, strings  # tests/ is on sys.path
 from fer_lib.series import NOTEBOOKS
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from fer_lib.recipes import RECIPES, get_recipe, main
 from fer_lib.models import list_models
+from fer_lib.recipes import RECIPES, get_recipe, main
 
 
 def test_every_recipe_names_a_registered_model():

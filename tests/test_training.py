@@ -9,6 +9,7 @@ from torch import nn
 from fer_lib import checkpoint as ckpt_mod
 from fer_lib.checkpoint import load_checkpoint, load_model, save_checkpoint
 from fer_lib.device import EpochProgress, cpu_has_bf16, progress_mode, resolve_device
+from fer_lib.inference import predict_logits
 from fer_lib.synthetic import make_images
 from fer_lib.training import (
     FitResult,
@@ -17,7 +18,6 @@ from fer_lib.training import (
     evaluate,
     fit,
     overfit_check,
-    predict_logits,
 )
 
 
@@ -247,8 +247,8 @@ def test_evaluate_predict_logits_and_flip_tta(data):
     assert logits.dtype == torch.float32 and logits.device.type == "cpu"
     assert torch.allclose(logits, out["logits"], atol=1e-5)
     flipped = predict_logits(model, images[:, :, ::-1].copy())
-    tta = predict_logits(model, images, tta="flip")
-    assert torch.allclose(tta, (logits + flipped) / 2, atol=1e-5)
+    tta = predict_logits(model, images, tta="flip")  # the softmax of image and mirror, averaged
+    assert torch.allclose(tta.softmax(1), (logits.softmax(1) + flipped.softmax(1)) / 2, atol=1e-5)
     assert not torch.allclose(tta, logits)
 
 
