@@ -11,11 +11,17 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
 
 Writes go through `fer_lib.fileio.atomic_path`, so a crash or a full disk mid-write leaves
 the previous checkpoint intact (a full disk is one `WriteError` naming the file).
+
+Loads say which file is wrong and why, in one `CheckpointError` (a ValueError): an empty file,
+a file that is not a PyTorch zip archive, a truncated archive, a pickle holding code (never
+unpickled), a dict without weights, or weights that do not fit the model they are loaded
+into (`load_state`/`load_checkpoint_into` name the file and both models).
 """
 from __future__ import annotations
 
 import datetime as _dt
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +30,16 @@ from torch import nn
 
 from fer_lib.fileio import atomic_path, git_revision
 
-__all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "load_model", "to_plain"]
+__all__ = ["FORMAT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint", "load_model",
+           "load_state", "load_checkpoint_into", "state_mismatch", "to_plain"]
 
 FORMAT_VERSION = 1
+# torch.save has written zip archives since torch 1.6; every fer_lib checkpoint is one.
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unusable; the message names the file and the cause."""
 
 
 def to_plain(obj: Any) -> Any:
@@ -107,17 +120,92 @@ def save_checkpoint(
     return path
 
 
+def _unreadable(path: Path, err: BaseException) -> CheckpointError:
+    """The CheckpointError for a file torch.load refused, with the likely cause first."""
+    import pickle
+
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if isinstance(err, pickle.UnpicklingError):
+        # torch's own message advises weights_only=False, i.e. running the file's code: no.
+        return CheckpointError(f"{path}: not a fer_lib checkpoint: it holds pickled Python "
+                               "objects that a weights-only load refuses (a torch.save(model) "
+                               "file?); fer_lib never unpickles code")
+    return CheckpointError(f"{path}: not a fer_lib checkpoint, or truncated (an interrupted "
+                           f"copy or download): {first_line}")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint dict with torch.load(weights_only=True)."""
+    """Load a checkpoint dict with torch.load(weights_only=True).
+
+    FileNotFoundError when the file is missing; CheckpointError naming the file when it is
+    empty, truncated, not a fer_lib checkpoint, or would need unpickling code.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as handle:
+        head = handle.read(len(_ZIP_MAGIC))
+    if not head:
+        raise CheckpointError(f"{path}: empty file (0 bytes): not a fer_lib checkpoint, or "
+                              "a write or copy that never finished")
+    if head != _ZIP_MAGIC:
+        raise CheckpointError(f"{path}: not a fer_lib checkpoint (not a PyTorch zip archive)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # a truncated or foreign file: say which file
-        raise ValueError(f"checkpoint {path} could not be loaded: {err}") from err
+    except Exception as err:  # noqa: BLE001 - torch raises many types; each means "unusable"
+        raise _unreadable(path, err) from err
     if not isinstance(ckpt, dict) or "model_state" not in ckpt:
-        raise ValueError(f"checkpoint {path} is not a fer_lib checkpoint (no 'model_state')")
+        raise CheckpointError(f"{path}: not a fer_lib checkpoint (no 'model_state')")
+    return ckpt
+
+
+def state_mismatch(expected: Mapping[str, Any], got: Mapping[str, Any]) -> str:
+    """"" when two state dicts (or name -> shape dicts) have the same names and shapes, else a
+    short description: missing and unexpected names, shape differences (first 5 of each)."""
+    def shape(value: Any) -> tuple[int, ...]:
+        return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
+
+    want = {k: shape(v) for k, v in expected.items()}
+    have = {k: shape(v) for k, v in got.items()}
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    details = []
+    if missing:
+        details.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        details.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    if wrong:
+        details.append("shape mismatch " + ", ".join(f"{k}: {have[k]} vs {want[k]}"
+                                                     for k in wrong[:5]))
+    return "; ".join(details)
+
+
+def _label(name: str | None, kwargs: Mapping[str, Any] | None) -> str:
+    """'exp3_cnn' {'num_classes': 7, ...}: a model as error messages name it."""
+    return f"{name or 'unknown'!r}" + (f" {dict(kwargs)}" if kwargs else "")
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, path: str | os.PathLike,
+               saved_model: str | None = None,
+               saved_kwargs: Mapping[str, Any] | None = None) -> None:
+    """model.load_state_dict(state), strict; a mismatch is one CheckpointError naming `path`,
+    the model the weights were saved from (`saved_model`, `saved_kwargs`) and `model`."""
+    problem = state_mismatch(model.state_dict(), state)
+    if problem:
+        target = _label(getattr(model, "registry_name", None) or type(model).__name__,
+                        getattr(model, "registry_kwargs", None))
+        raise CheckpointError(f"{path}: weights of model {_label(saved_model, saved_kwargs)} do "
+                              f"not fit model {target}: {problem}")
+    model.load_state_dict(state)
+
+
+def load_checkpoint_into(model: nn.Module, path: str | os.PathLike,
+                         map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load the checkpoint's `model_state` into `model` (see load_state); return the checkpoint."""
+    ckpt = load_checkpoint(path, map_location=map_location)
+    load_state(model, ckpt["model_state"], path=path, saved_model=ckpt.get("model_name"),
+               saved_kwargs=ckpt.get("model_kwargs"))
     return ckpt
 
 
@@ -130,14 +218,16 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     ckpt = load_checkpoint(path, map_location=map_location)
     name = ckpt.get("model_name")
     if not name:
-        raise ValueError(
-            f"checkpoint {path} records no model name; build the model yourself and call "
-            "model.load_state_dict(load_checkpoint(path)['model_state'])"
-        )
+        raise CheckpointError(
+            f"{path}: the checkpoint records no model name; build the model yourself and call "
+            "fer_lib.checkpoint.load_checkpoint_into(model, path)")
     from fer_lib.models import create_model
 
     kwargs = dict(ckpt.get("model_kwargs") or {})
-    model = create_model(name, **kwargs)
-    model.load_state_dict(ckpt["model_state"])
+    try:
+        model = create_model(name, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: cannot rebuild model {name!r} with {kwargs}: {err}") from err
+    load_state(model, ckpt["model_state"], path=path, saved_model=name, saved_kwargs=kwargs)
     model.checkpoint_meta = {k: ckpt.get(k) for k in ("epoch", "metrics", "class_names", "config", "best_val_accuracy")}
     return model.eval()

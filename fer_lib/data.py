@@ -26,7 +26,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -630,6 +630,17 @@ def list_image_folders(root: Path) -> list[ImageEntry]:
     return entries
 
 
+def _to_8bit_gray(img: Any) -> Any:
+    """A PIL image as mode "L". 16-bit grayscale (I;16, I;16B...) is scaled by 255/65535:
+    PIL's own convert("L") clips every value above 255 to white."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16"):
+        wide = np.asarray(img).astype(np.uint32)
+        return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    return img.convert("L")
+
+
 def _parse_image_folders(root: Path, entries: list[ImageEntry], resize: bool) -> _Parsed:
     from PIL import Image, UnidentifiedImageError
 
@@ -641,7 +652,7 @@ def _parse_image_folders(root: Path, entries: list[ImageEntry], resize: bool) ->
                 img.load()
                 if img.mode != "L":
                     converted.append((entry.path, img.mode))
-                    img = img.convert("L")
+                    img = _to_8bit_gray(img)
                 if img.size != (IMAGE_SIZE, IMAGE_SIZE):
                     if not resize:
                         raise DatasetError(
@@ -651,7 +662,8 @@ def _parse_image_folders(root: Path, entries: list[ImageEntry], resize: bool) ->
                 images[i] = np.asarray(img, dtype=np.uint8)
         except DatasetError:
             raise
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError,
+                Image.DecompressionBombError) as exc:
             raise DatasetError(f"{entry.path}: cannot read image ({exc})") from None
     if converted:
         path, mode = converted[0]

@@ -20,6 +20,7 @@ from torch import nn
 
 from fer_lib.data import FER2013, stratified_subsample
 from fer_lib.evaluation import classification_metrics, ensemble_probs
+from fer_lib.fileio import safe_filename
 from fer_lib.models import create_model
 from fer_lib.results import REPORT_PER_CLASS_F1, write_results
 from fer_lib.sweeps import REPORT_SWEEPS, SweepResult, run_sweep
@@ -422,7 +423,8 @@ def zoo_comparison(data: FER2013, *, epochs: int, run_dir: str | Path, names: Se
     rows = []
     for name in names if names is not None else list_models():
         print(f"zoo: {name}", flush=True)
-        result = run_experiment(f"zoo-{name}", data, name, config, run_dir=Path(run_dir) / name,
+        result = run_experiment(f"zoo-{name}", data, name, config,
+                                run_dir=Path(run_dir) / safe_filename(name),
                                 wandb_mode=wandb_mode)
         rows.append({"name": name, "val_accuracy %": 100 * result.val["accuracy"],
                      "test_accuracy %": 100 * result.test["accuracy"],

@@ -31,6 +31,11 @@ from fer_lib.inference import predict_logits, to_model_input
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+# Opsets torch's exporters accept (torch 2.14: 7-23) and ONNX Runtime runs (7 and up); an
+# opset outside is refused before exporting. Old opsets may still fail for a given model
+# (an operator without a definition there): that is one ValueError naming the file.
+MIN_OPSET = 7
+MAX_OPSET = 23
 
 
 def _first_conv_in_chans(model: nn.Module) -> int:
@@ -78,6 +83,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: int = 
     import onnx
 
     path = Path(path)
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"{path}: ONNX opset must be {MIN_OPSET}-{MAX_OPSET}, got {opset}")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Export a CPU fp32 copy: the caller's model may live on a GPU, in bf16 or in train mode.
     export_model = copy.deepcopy(model).float().cpu().eval()
@@ -91,7 +98,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: int = 
                           "dynamo=True", RuntimeWarning, stacklevel=2)
             _export_dynamo(export_model, example, tmp, opset, dynamic_batch)
         onnx_model = onnx.load(str(tmp))
-        onnx.checker.check_model(onnx_model)
+        try:
+            onnx.checker.check_model(onnx_model)
+        except onnx.checker.ValidationError as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ValueError(f"{path}: the model exported at opset {opset} is not valid ONNX "
+                             f"({first_line}); try a newer opset such as 17") from exc
         if metadata:
             props = {
                 "class_names": metadata.get("class_names"),

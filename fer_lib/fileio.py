@@ -12,15 +12,20 @@ Three details make that hold in practice:
   `WriteError` naming the target file and the cause, with the temporary file removed;
 - files get the permissions any new file gets (0666 minus the umask), not the 0600 that
   `tempfile.mkstemp` would give, so a shared cache or a shipped weights file is readable.
+
+Names that come from users or data (run names, table and figure names, photo stems) become
+file names through `safe_filename` only: one path component, no "..", bounded length.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 from collections.abc import Iterator, Mapping
 from functools import lru_cache
@@ -30,7 +35,13 @@ from typing import Any
 import numpy as np
 
 __all__ = ["WriteError", "atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "to_jsonable", "git_revision", "git_dirty"]
+           "safe_filename", "to_jsonable", "git_revision", "git_dirty"]
+
+# Longest name safe_filename returns, in UTF-8 bytes: file systems allow 255 bytes per name, and
+# callers append suffixes such as "_annotated.png" or ".csv".
+MAX_FILENAME_BYTES = 120
+_WINDOWS_DEVICE_NAMES = frozenset(["CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+                                   *(f"LPT{i}" for i in range(1, 10))])
 
 
 class WriteError(OSError):
@@ -59,14 +70,16 @@ def _process_alive(pid: int) -> bool:
 
 
 def _remove_stale_temps(target: Path) -> None:
-    """Delete `.<name>.<pid>.tmp` files next to `target` whose writer process no longer exists."""
+    """Delete `.<name>.<pid>.tmp[<suffix>]` files next to `target` whose writer has exited."""
     prefix = f".{target.name}."
     try:
-        candidates = list(target.parent.glob(f"{glob_escape(prefix)}*.tmp"))
+        candidates = list(target.parent.glob(f"{glob_escape(prefix)}*.tmp*"))
     except OSError:
         return
     for tmp in candidates:
-        pid_text = tmp.name[len(prefix):-len(".tmp")]
+        pid_text, _, rest = tmp.name[len(prefix):].partition(".tmp")
+        if rest not in ("", target.suffix):
+            continue
         if pid_text.isdigit() and not _process_alive(int(pid_text)):
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -90,11 +103,13 @@ def _describe(error: OSError, path: Path) -> str:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, keep_suffix: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces `path` atomically.
 
     On any exception (KeyboardInterrupt included) the temporary file is removed and the old
     `path`, if any, is untouched. OS errors become one `WriteError` naming `path`.
+    keep_suffix: the temporary ends in the target's suffix too (`.clip.avi.<pid>.tmp.avi`),
+    for writers that choose the format from the file name, such as OpenCV's VideoWriter.
 
         with atomic_path("model.onnx") as tmp:
             onnx.save(model, str(tmp))
@@ -105,7 +120,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except OSError as exc:
         raise WriteError(exc.errno, _describe(exc, target.parent)) from exc
     _remove_stale_temps(target)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp{target.suffix if keep_suffix else ''}")
     try:
         yield tmp
         if not tmp.exists():
@@ -121,6 +136,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def safe_filename(name: str) -> str:
+    """`name` made safe to use as ONE file or folder name on Linux, macOS and Windows.
+
+    The one place where names that come from users or data (run names, figure and table names,
+    photo stems) become path components. Letters and digits of any script, "-", "_" and "."
+    are kept; every other character (path separators, spaces, control characters, the
+    Windows-reserved `<>:"|?*`) becomes "-"; runs of dots collapse to one (so no ".."), and
+    leading or trailing dots, dashes and spaces go (no hidden files, no names Windows cannot
+    open). Windows device names (CON, NUL, COM1...) get a "_". A name longer than
+    MAX_FILENAME_BYTES (UTF-8) is cut and ends in 8 hex digits of its hash, so two long names
+    stay distinct. Never empty ("unnamed"); applying it twice changes nothing.
+    """
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "-" for c in str(name))
+    cleaned = re.sub(r"-{2,}", "-", re.sub(r"\.{2,}", ".", cleaned)).strip(".- ")
+    stem, dot, rest = cleaned.partition(".")
+    if stem.upper() in _WINDOWS_DEVICE_NAMES:
+        cleaned = f"{stem}_{dot}{rest}"
+    if len(cleaned.encode("utf-8")) > MAX_FILENAME_BYTES:
+        digest = hashlib.sha256(str(name).encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        head = cleaned.encode("utf-8")[:MAX_FILENAME_BYTES - 9].decode("utf-8", "ignore")
+        cleaned = f"{head.rstrip('.- ')}-{digest}"
+    return cleaned or "unnamed"
 
 
 def _write_and_sync(tmp: Path, data: bytes) -> None:

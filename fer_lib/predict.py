@@ -1,8 +1,8 @@
 """Use a trained model on photos and videos: find faces, crop them like FER2013, classify.
 
 Pipeline: decode the photo (large JPEGs are decoded at 1/2, 1/4 or 1/8 scale directly, so an
-8000x6000 photo never exists in memory at full size) -> grayscale -> OpenCV Haar cascade
-`haarcascade_frontalface_default.xml` (shipped inside opencv-python-headless 4.x as
+8000x6000 photo never exists in memory at full size; limits below) -> grayscale -> OpenCV
+Haar cascade `haarcascade_frontalface_default.xml` (shipped inside opencv-python-headless 4.x as
 `cv2.data.haarcascades`; nothing is downloaded; opencv 5 dropped the cascades) on a copy whose
 longest side is at most 1600 px -> square crop of each box (no margin: see below) -> 48x48
 (cv2.INTER_AREA) -> normalise with the mean/std stored next to the weights -> model, averaging
@@ -18,14 +18,31 @@ with the original 48x48 face at margin 0 (0.76 at margin 0, 0.71 at 0.02, 0.62 a
 at 0.10, 0.30 at 0.15 per side; ~730 faces, two canvases). A 10-20% margin would show more
 hair, ears and background than the network saw in training. `margin` stays a parameter.
 
+Limits, so that any file (a 200 MP phone photo, a 1 MB PNG claiming 30000x30000 pixels)
+is either predicted or refused with one error, within 1 GB of memory:
+- The header is read first (PIL, size/format/EXIF orientation only; PIL's decompression-bomb
+  limit is lifted for that read alone), for any image size. Files PIL cannot identify are
+  refused: their size cannot be known before decoding.
+- MAX_DECODE_PIXELS (50 MP): the most pixels a decoder may hold for one photo. Baseline JPEGs
+  count at the size they are decoded at (1/2, 1/4 or 1/8 of the original, so a JPEG up to
+  ~3,200 MP is fine); PNG, WebP, TIFF, BMP, GIF and progressive JPEGs count at full size,
+  because their decoders fill the full image before it is reduced. Beyond it:
+  ImageTooLargeError naming the file, its size and what to do. Measured peak RSS of a whole
+  `python -m fer_lib predict --out` (tests/test_hostile.py): 0.68 GB for a small photo
+  (`import torch` alone: 0.52 GB), 0.74 GB for 200 MP + 108 MP JPEGs plus a refused
+  30000x30000 PNG, 0.88 GB for a 50 MP PNG (the worst accepted case).
+- Annotated photos and video frames are written at most ANNOTATED_MAX_SIDE (2048) px on the
+  longest side; smaller ones at their own size.
+
 Results are plain lists of dicts, ready for JSON:
     [{"box": [x, y, w, h], "label": "Happy", "probabilities": {"Angry": 0.01, ...}}, ...]
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-import warnings
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fer_lib.fileio import atomic_path, atomic_write_bytes
 from fer_lib.inference import predict_probs
 from fer_lib.weights_io import shipped_weights_path
 
@@ -44,6 +62,11 @@ DEFAULT_MARGIN = 0.0
 DETECT_MAX_SIDE = 1600
 DEFAULT_MIN_FACE_SIZE = 30
 CROP_SIZE = 48
+# The most pixels a decoder may hold for one photo (about 50 MB gray, 150 MB BGR): with torch
+# and OpenCV loaded (~0.7 GB) a prediction stays under 1 GB of memory whatever the file.
+MAX_DECODE_PIXELS = 50_000_000
+# Annotated photos and video frames are written at most this many pixels on the longest side.
+ANNOTATED_MAX_SIDE = 2048
 
 Box = tuple[int, int, int, int]
 # A file path, a uint8 gray/BGR array, or a PIL image (PIL is not imported for the hint).
@@ -58,6 +81,10 @@ class ImageReadError(PredictionError):
     """The file is missing, not an image, or cannot be decoded."""
 
 
+class ImageTooLargeError(ImageReadError):
+    """Decoding the image would hold more than MAX_DECODE_PIXELS pixels at once."""
+
+
 class NoFaceError(PredictionError):
     """The face detector found no face in the image."""
 
@@ -69,6 +96,32 @@ class MissingWeightsError(PredictionError):
 # --------------------------------------------------------------------------- image input
 
 _EXIF_ORIENTATION = 0x0112
+# Formats OpenCV decodes straight at 1/2, 1/4 or 1/8 size (libjpeg's scaled decoding) when they
+# are baseline JPEGs. A progressive JPEG keeps every DCT coefficient of the full image while
+# decoding, and PNG, WebP, TIFF, BMP and GIF are decoded at full size before OpenCV reduces
+# them, so for those the full size is what the decoder holds.
+_SCALED_DECODE_FORMATS = ("JPEG", "MPO")
+# PIL's "decompression bomb" limit guards PIL's own decoding; fer_lib lifts it only while PIL
+# reads a header (its own limit, MAX_DECODE_PIXELS, applies before any pixel is decoded). The
+# lock keeps two threads of this module from restoring each other's value.
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file's header says, read without decoding pixels."""
+
+    width: int
+    height: int
+    format: str  # PIL's format name: "JPEG", "PNG", "WEBP", ...
+    orientation: int  # EXIF orientation 1-8 (1 = as stored)
+    progressive: bool  # a progressive JPEG (decoded at full size, see decode_pixels)
+
+    def decode_pixels(self, reduction: int) -> int:
+        """Pixels the decoder holds at once when asked for 1/reduction size."""
+        if self.format in _SCALED_DECODE_FORMATS and not self.progressive:
+            return -(-self.width // reduction) * -(-self.height // reduction)
+        return self.width * self.height
 
 
 def _apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
@@ -95,25 +148,76 @@ def _apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
     return image
 
 
-def _peek_size_and_orientation(path: Path) -> tuple[tuple[int, int] | None, int]:
-    """((width, height), EXIF orientation) from the header only, without decoding pixels."""
+@contextlib.contextmanager
+def _pil_header_only() -> Iterator[None]:
+    """Lift PIL's decompression-bomb limit for a header read (PIL decodes no pixels here)."""
+    from PIL import Image
+
+    with _PIL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _exif_orientation(image: Any) -> int:
+    """EXIF orientation 1-8 of an opened (not loaded) PIL image; 1 when absent or broken."""
+    # Pillow's PngImageFile.getexif() decodes the whole image to look for an eXIf chunk after
+    # the pixel data; only an eXIf chunk the header already gave is read.
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
+    try:
+        orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not stop prediction
+        return 1
+    return orientation if 1 <= orientation <= 8 else 1
+
+
+def read_header(path: str | os.PathLike) -> ImageHeader:
+    """Size, format and EXIF orientation of an image file, from its header, for any size.
+
+    Raises ImageReadError naming the file when PIL does not recognise it as an image (fer_lib
+    decodes only what it can size first, so that memory stays bounded).
+    """
+    path = Path(path)
     try:
         from PIL import Image
-    except ImportError:  # pillow is a dependency, but the size is only an optimisation
-        return None, 1
-    try:
-        with warnings.catch_warnings():
-            # PIL warns about "decompression bombs" on huge images; we never decode with PIL.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                size = im.size
-                try:
-                    orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1))
-                except Exception:  # a broken EXIF block must not stop prediction
-                    orientation = 1
-        return size, orientation if 1 <= orientation <= 8 else 1
-    except Exception:  # not a format PIL knows (or too large for it): let OpenCV decide
-        return None, 1
+
+        with _pil_header_only(), Image.open(path) as image:
+            width, height = image.size
+            fmt = (image.format or "").upper()
+            progressive = bool(image.info.get("progressive") or image.info.get("progression"))
+            orientation = _exif_orientation(image)
+    except Exception as exc:  # noqa: BLE001 - hostile headers raise many types; all mean this
+        raise ImageReadError(f"{path}: not an image, or a corrupt/unsupported image file "
+                             f"({type(exc).__name__})") from exc
+    return ImageHeader(width, height, fmt, orientation, progressive)
+
+
+def _choose_reduction(header: ImageHeader, max_side: int | None) -> int:
+    """The largest of 8, 4, 2 that keeps the longest side >= max_side, else 1."""
+    if max_side is None:
+        return 1
+    for factor in (8, 4, 2):
+        if max(header.width, header.height) / factor >= max_side:
+            return factor
+    return 1
+
+
+def _check_decode_size(path: Path, header: ImageHeader, reduction: int) -> None:
+    held = header.decode_pixels(reduction)
+    if held <= MAX_DECODE_PIXELS:
+        return
+    kind = f"progressive {header.format}" if header.progressive else header.format
+    how = ("decoded at reduced size" if held < header.width * header.height
+           else f"a {kind} is decoded at full size")
+    raise ImageTooLargeError(
+        f"{path}: {header.width}x{header.height} {kind} ({header.width * header.height / 1e6:.0f} "
+        f"MP) would need {held / 1e6:.0f} MP in memory ({how}); fer_lib decodes at most "
+        f"{MAX_DECODE_PIXELS / 1e6:.0f} MP. Downscale it first, or save it as a baseline JPEG "
+        "(decoded straight at 1/8 size)")
 
 
 def read_image(path: str | os.PathLike, *, grayscale: bool = True,
@@ -121,22 +225,19 @@ def read_image(path: str | os.PathLike, *, grayscale: bool = True,
     """Decode an image file; return (pixels, scale) with scale = original px per returned px.
 
     With `max_side`, large images are decoded at the largest reduction 1/2, 1/4 or 1/8 that
-    still keeps the longest side >= max_side (JPEG decodes straight at that size, so memory
-    stays bounded; other formats are reduced right after decoding). Returns uint8 (H, W) when
-    grayscale, else BGR (H, W, 3). Raises ImageReadError naming the file.
+    still keeps the longest side >= max_side (baseline JPEGs decode straight at that size;
+    other formats are reduced right after a full-size decode). The EXIF orientation is applied.
+    Returns uint8 (H, W) when grayscale, else BGR (H, W, 3). Raises ImageReadError naming the
+    file, ImageTooLargeError when the decoder would hold more than MAX_DECODE_PIXELS.
     """
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"{path}: file not found")
     if path.is_dir():
         raise ImageReadError(f"{path}: is a folder, not an image file")
-    size, orientation = _peek_size_and_orientation(path)
-    reduction = 1
-    if max_side is not None and size is not None:
-        for factor in (8, 4, 2):
-            if max(size) / factor >= max_side:
-                reduction = factor
-                break
+    header = read_header(path)
+    reduction = _choose_reduction(header, max_side)
+    _check_decode_size(path, header, reduction)
     flags = {
         (True, 1): cv2.IMREAD_GRAYSCALE, (True, 2): cv2.IMREAD_REDUCED_GRAYSCALE_2,
         (True, 4): cv2.IMREAD_REDUCED_GRAYSCALE_4, (True, 8): cv2.IMREAD_REDUCED_GRAYSCALE_8,
@@ -148,15 +249,13 @@ def read_image(path: str | os.PathLike, *, grayscale: bool = True,
         # Windows and says nothing about why it failed.
         data = np.fromfile(path, dtype=np.uint8)
         image = cv2.imdecode(data, flags) if data.size else None
+        del data
     except (OSError, cv2.error) as exc:
         raise ImageReadError(f"{path}: cannot read image: {exc}") from exc
     if image is None:
         raise ImageReadError(f"{path}: not an image, or a corrupt/unsupported image file")
-    image = _apply_orientation(image, orientation)
-    if size is not None:
-        scale = max(size) / max(image.shape[:2])
-    else:
-        scale = 1.0
+    image = _apply_orientation(image, header.orientation)
+    scale = max(header.width, header.height) / max(image.shape[:2])
     return np.ascontiguousarray(image), float(scale)
 
 
@@ -294,9 +393,11 @@ class FacePredictor:
     def __init__(self, model: nn.Module, metadata: dict[str, Any], *,
                  device: str | torch.device = "cpu", tta: str = "flip",
                  margin: float = DEFAULT_MARGIN, min_face_size: int = DEFAULT_MIN_FACE_SIZE,
-                 detect_max_side: int = DETECT_MAX_SIDE, batch_size: int = 256) -> None:
+                 detect_max_side: int = DETECT_MAX_SIDE, batch_size: int = 256,
+                 source: str = "model") -> None:
         if tta not in ("flip", "none"):
             raise ValueError(f"tta must be 'flip' or 'none', got {tta!r}")
+        self.source = source  # the weights file, for error messages
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.metadata = metadata
@@ -326,8 +427,13 @@ class FacePredictor:
         if len(crops) == 0:
             return np.zeros((0, len(self.class_names)), np.float32)
         probs = predict_probs(self.model, crops, tta=self.tta, batch_size=self.batch_size, device=self.device,
-                              mean=self.mean, std=self.std, input_size=self.input_size, in_chans=self.in_chans)
-        return probs.numpy()
+                              mean=self.mean, std=self.std, input_size=self.input_size,
+                              in_chans=self.in_chans).numpy()
+        if not np.isfinite(probs).all():
+            # NaN weights (a diverged training) would otherwise print "NaN" as a probability
+            raise PredictionError(f"{self.source}: the model gives non-finite probabilities "
+                                  "(NaN/inf weights?); these weights cannot be used")
+        return probs
 
     def _results(self, boxes: list[Box], probs: np.ndarray) -> list[dict[str, Any]]:
         return [{"box": [int(v) for v in box],
@@ -410,6 +516,7 @@ def load_predictor(weights: str | os.PathLike | None = None, *,
                 "load_predictor(weights='model.safetensors').")
         weights = path
     model, metadata = load_weights(weights, device=device)
+    predictor_kwargs.setdefault("source", os.fspath(weights))
     return FacePredictor(model, metadata, device=device, **predictor_kwargs)
 
 
@@ -456,6 +563,45 @@ def annotate(image: np.ndarray, results: Sequence[dict[str, Any]], *,
         cv2.putText(canvas, text, (x + 2, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, font_scale,
                     (0, 0, 0), thickness, cv2.LINE_AA)
     return canvas
+
+
+def _fit_side(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """(image shrunk so its longest side is <= max_side, factor applied); small ones as is."""
+    longest = max(image.shape[:2])
+    if longest <= max_side:
+        return image, 1.0
+    factor = max_side / longest
+    size = (max(1, round(image.shape[1] * factor)), max(1, round(image.shape[0] * factor)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA), factor
+
+
+def annotated_photo(path: str | os.PathLike, results: Sequence[dict[str, Any]], *,
+                    max_side: int = ANNOTATED_MAX_SIDE) -> np.ndarray:
+    """BGR copy of the photo at `path` with `results` drawn, longest side <= max_side.
+
+    Decoded reduced (like read_image) and shrunk to max_side, so a 200 MP photo gives a
+    2048 px picture; boxes in `results` are in original pixels.
+    """
+    image, scale = read_image(path, grayscale=False, max_side=max_side)
+    image, factor = _fit_side(image, max_side)
+    return annotate(image, results, scale=factor / scale)
+
+
+def can_write_image(path: str | os.PathLike) -> bool:
+    """Whether OpenCV has an encoder for the file extension of `path` (.png, .jpg, .webp...)."""
+    return Path(path).suffix != "" and bool(cv2.haveImageWriter(os.fspath(path)))
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray) -> Path:
+    """Encode `image` by the extension of `path` and write it atomically; return the path."""
+    path = Path(path)
+    if not can_write_image(path):
+        raise PredictionError(f"{path}: unknown image file extension {path.suffix!r}; use .png, "
+                              ".jpg, .webp, .bmp or .tiff")
+    ok, encoded = cv2.imencode(path.suffix, image)
+    if not ok:
+        raise PredictionError(f"{path}: OpenCV could not encode the image as {path.suffix}")
+    return atomic_write_bytes(path, encoded.tobytes())
 
 
 # --------------------------------------------------------------------------- video
@@ -520,35 +666,39 @@ def iter_video(predictor: FacePredictor, source: str | int | os.PathLike, *, eve
 
 
 _FOURCC_BY_SUFFIX = {".avi": "MJPG", ".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v"}
+VIDEO_SUFFIXES = tuple(_FOURCC_BY_SUFFIX)  # what annotate_video can write
 
 
 def annotate_video(predictor: FacePredictor, source: str | int | os.PathLike,
                    out_path: str | os.PathLike, *, every: int = 5, detect: bool = True,
-                   max_frames: int | None = None) -> int:
+                   max_frames: int | None = None, max_side: int = ANNOTATED_MAX_SIDE) -> int:
     """Write `source` with boxes and labels drawn to out_path (.avi: MJPG, .mp4: mp4v).
 
-    Returns the number of frames written.
+    Frames larger than `max_side` on their longest side are written shrunk to it. The file
+    appears under its name only once complete (atomic rename). Returns the frames written.
     """
     out_path = Path(out_path)
     fourcc = _FOURCC_BY_SUFFIX.get(out_path.suffix.lower())
     if fourcc is None:
         raise PredictionError(f"{out_path}: video output must end in "
                               f"{', '.join(_FOURCC_BY_SUFFIX)}")
-    writer = None
     count = 0
-    try:
-        for frame in iter_video(predictor, source, every=every, detect=detect,
-                                max_frames=max_frames):
-            if writer is None:
-                height, width = frame.image.shape[:2]
-                out_path.parent.mkdir(parents=True, exist_ok=True)
-                writer = cv2.VideoWriter(str(out_path), cv2.VideoWriter_fourcc(*fourcc),
-                                         frame.fps, (width, height))
-                if not writer.isOpened():
-                    raise PredictionError(f"{out_path}: cannot open a {fourcc} video writer")
-            writer.write(annotate(frame.image, frame.faces))
-            count += 1
-    finally:
-        if writer is not None:
-            writer.release()
+    # keep_suffix: the VideoWriter picks its container from the file name
+    with atomic_path(out_path, keep_suffix=True) as tmp:
+        writer = None
+        try:
+            for frame in iter_video(predictor, source, every=every, detect=detect,
+                                    max_frames=max_frames):
+                image, factor = _fit_side(frame.image, max_side)
+                if writer is None:
+                    height, width = image.shape[:2]
+                    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*fourcc),
+                                             frame.fps, (width, height))
+                    if not writer.isOpened():
+                        raise PredictionError(f"{out_path}: cannot open a {fourcc} video writer")
+                writer.write(annotate(image, frame.faces, scale=factor))
+                count += 1
+        finally:
+            if writer is not None:
+                writer.release()
     return count

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from fer_lib.fileio import atomic_write_json, to_jsonable
+from fer_lib.fileio import atomic_write_json, safe_filename, to_jsonable
 
 RESULTS_FILE = "results.json"
 
@@ -82,13 +82,13 @@ def runs_folder() -> Path:
 
 
 def resolve_run_dir(run_dir: str | os.PathLike | None, notebook: str) -> Path:
-    """A notebook's run folder: the given one, else `runs/manual/<notebook>/` (see runs_folder).
+    """A notebook's run folder: the given one, else `runs/manual/<safe_filename(notebook)>/`.
 
     In a checkout it is resolved from the package location rather than the working directory,
     so a notebook writes to the same place whether papermill starts it from the repo root or
     notebooks/.
     """
-    path = Path(run_dir) if run_dir is not None else runs_folder() / "manual" / notebook
+    path = Path(run_dir) if run_dir is not None else runs_folder() / "manual" / safe_filename(notebook)
     path.mkdir(parents=True, exist_ok=True)
     return path.resolve()
 

@@ -35,7 +35,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from fer_lib.fileio import atomic_write_json, atomic_write_text, to_jsonable
+from fer_lib.fileio import atomic_path, atomic_write_json, atomic_write_text, safe_filename, to_jsonable
 
 MODES = ("online", "offline", "disabled")
 METRICS_FILE = "metrics.jsonl"
@@ -307,13 +307,17 @@ class Tracker:
                 self.run.log({name: chart})
 
     def log_per_class(self, per_class_df: Any, name: str = "per_class") -> None:
-        """Log the per-class precision/recall/F1 table (also saved as run_dir/<name>.csv)."""
+        """Log the per-class precision/recall/F1 table (also saved as run_dir/<name>.csv).
+
+        The file name is `safe_filename(name)`: a name like "../x" stays inside run_dir.
+        """
         table = per_class_df.reset_index()
         if self.run_dir is not None:
+            path = self.run_dir / f"{safe_filename(name)}.csv"
             try:
-                table.to_csv(self.run_dir / f"{name}.csv", index=False)
+                atomic_write_text(path, table.to_csv(index=False))
             except OSError as error:
-                warnings.warn(f"could not write {name}.csv: {error}", TrackingWarning, stacklevel=2)
+                warnings.warn(f"could not write {path}: {error}", TrackingWarning, stacklevel=2)
         with self._wandb_call("table") as active:
             if active:
                 import wandb
@@ -321,12 +325,11 @@ class Tracker:
                 self.run.log({name: wandb.Table(dataframe=table)})
 
     def log_figure(self, name: str, fig: Any, *, save_local: bool = True) -> None:
-        """Log a matplotlib figure as an image (and save run_dir/figures/<name>.png)."""
+        """Log a matplotlib figure as an image (and save run_dir/figures/<safe name>.png)."""
         if save_local and self.run_dir is not None:
             try:
-                folder = self.run_dir / "figures"
-                folder.mkdir(exist_ok=True)
-                fig.savefig(folder / f"{_artifact_name(name)}.png", dpi=100, bbox_inches="tight")
+                with atomic_path(self.run_dir / "figures" / f"{safe_filename(name)}.png") as tmp:
+                    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
             except Exception as error:  # noqa: BLE001 - a figure must not stop training
                 warnings.warn(f"could not save figure {name!r}: {error}", TrackingWarning,
                               stacklevel=2)

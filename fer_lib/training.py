@@ -40,7 +40,7 @@ except ImportError:  # Windows
 
 from fer_lib.augment import build_augment, to_float
 from fer_lib.balance import class_weights, upsample_to_max
-from fer_lib.checkpoint import load_checkpoint, save_checkpoint, to_plain
+from fer_lib.checkpoint import load_checkpoint, load_checkpoint_into, save_checkpoint, to_plain
 from fer_lib.data import CLASS_NAMES
 from fer_lib.device import DeviceSetup, EpochProgress, progress_mode, resolve_device
 from fer_lib.inference import predict_logits
@@ -732,7 +732,7 @@ def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None
         if record.best_state is not None:
             model.load_state_dict(record.best_state)
         elif best_path is not None and best_path.exists():
-            model.load_state_dict(load_checkpoint(best_path, map_location=setup.device)["model_state"])
+            load_checkpoint_into(model, best_path, map_location=setup.device)
         elif engine.ema is not None:
             model.load_state_dict(engine.ema.module.state_dict())
     model.eval()

@@ -614,3 +614,18 @@ def test_real_ferplus_labels(real_fer2013_path, real_cache_dir):
         assert all(rows[r][0] == usage for r in split.rows[:50].tolist())
         total += len(split)
     assert total == (expected >= 0).sum()
+
+
+def test_image_folders_16_bit_images_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    synthetic.write_image_folders(tmp_path, n_per_split=SMALL)
+    for path in tmp_path.rglob("*.png"):
+        with Image.open(path) as img:
+            wide = np.asarray(img).astype(np.uint16) * 257  # the same picture on 0..65535
+        Image.fromarray(wide).save(path)
+    with Image.open(path) as img:
+        assert img.mode == "I;16"
+    with pytest.warns(UserWarning, match="converted to grayscale"):
+        data = load_fer2013(tmp_path)
+    _assert_matches_truth(data, _truth(SMALL))  # 257 * v scales back to v exactly

@@ -101,3 +101,35 @@ def test_to_jsonable_converts_numpy_torch_paths_dataclasses():
 def test_to_jsonable_strict_names_where_the_bad_value_sits():
     with pytest.raises(TypeError, match=r"metrics\.extra\[1\]: object"):
         fileio.to_jsonable({"extra": [1, object()]}, strict=True, where="metrics")
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("03_cnn", "03_cnn"), ("zoo-exp3_cnn", "zoo-exp3_cnn"), ("../../etc/passwd", "etc-passwd"),
+    ("a\\b/c", "a-b-c"), ("..", "unnamed"), ("", "unnamed"), ("  .hidden  ", "hidden"),
+    ("run 1: lr=0.1", "run-1-lr-0.1"), ("tab\there\x00\n", "tab-here"), ("a..b", "a.b"),
+    ("con.txt", "con_.txt"), ("NUL", "NUL_"), ("Überraschung", "Überraschung"),
+])
+def test_safe_filename_gives_one_harmless_path_component(name, expected):
+    assert fileio.safe_filename(name) == expected
+    assert fileio.safe_filename(expected) == expected  # applying it twice changes nothing
+
+
+def test_safe_filename_bounds_long_names_and_keeps_them_distinct():
+    a, b = fileio.safe_filename("é" * 300 + "a"), fileio.safe_filename("é" * 300 + "b")
+    assert a != b
+    for name in (a, b):
+        assert len(name.encode("utf-8")) <= fileio.MAX_FILENAME_BYTES
+        assert fileio.safe_filename(name) == name
+
+
+def test_keep_suffix_temporaries_end_in_the_suffix_and_stale_ones_are_removed(tmp_path):
+    target = tmp_path / "clip.avi"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    stale = tmp_path / f".clip.avi.{int(dead.stdout)}.tmp.avi"
+    stale.write_bytes(b"left behind")
+    with fileio.atomic_path(target, keep_suffix=True) as tmp:
+        assert tmp.suffix == ".avi" and tmp.parent == tmp_path
+        tmp.write_bytes(b"video")
+    assert target.read_bytes() == b"video" and not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.avi"]

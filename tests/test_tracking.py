@@ -214,3 +214,16 @@ def test_online_without_key_falls_back_to_offline_inside_run_dir(fake_home, tmp_
             raise ZeroDivisionError  # the training error propagates, the run is closed as failed
     assert tracker.run.finished_with == [1]
     assert tracker.run.logged == [({"a": 1}, None)]
+
+
+def test_table_and_figure_names_cannot_leave_the_run_folder(tmp_path):
+    run_dir = tmp_path / "runs" / "r1"
+    tracker = tracking.init_tracker("p", {}, mode="disabled", run_dir=run_dir)
+    tracker.log_per_class(pd.DataFrame({"f1": [0.5]}, index=["a"]), name="../../escaped")
+    tracker.log_figure("../sub/fig:1", plt.figure())
+    plt.close("all")
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    # everything stays inside run_dir, under the sanitised names
+    assert all(name.startswith(os.path.join("runs", "r1")) for name in written), written
+    assert (run_dir / "escaped.csv").read_text().startswith("index,f1")
+    assert (run_dir / "figures" / "sub-fig-1.png").stat().st_size > 0
