@@ -266,7 +266,7 @@ def seed_style_curve(data, *, seconds: float, model: str = "exp3_cnn", batch_siz
                             max_steps_per_epoch=max_steps_per_epoch, seed=seed).curve
 
 
-def _engine_step(model, images, labels, batch_size, config_kwargs):
+def _engine_step(model, images, labels, batch_size, config_kwargs, chunk: int = 8):
     from fer_lib.training import TrainConfig, Engine, resolve_device
 
     config = TrainConfig(batch_size=batch_size, lr=1e-3, optimizer="adam", augment="exp3", progress=False,
@@ -277,7 +277,7 @@ def _engine_step(model, images, labels, batch_size, config_kwargs):
     y = torch.as_tensor(labels).long().to(setup.device)
     generator = torch.Generator().manual_seed(0)
     order_gen = torch.Generator().manual_seed(0)
-    chunk = 8  # steps per call; the per-call sync is what fit pays once per epoch
+    # chunk: steps per call (default 8); the per-call sync is what fit pays once per epoch
     state = {"order": torch.randperm(len(y), generator=order_gen).to(setup.device), "pos": 0}
 
     def step() -> int:
@@ -451,7 +451,8 @@ def matmul_peak(device: str | torch.device = "auto", precision: str = "auto", *,
 def peak_fraction(models: list[str], *, seconds: float = 10.0, batch_size: int = 64, n_images: int | None = None,
                   device: str = "auto", precision: str = "auto", rounds: int = 2, peak: dict[str, Any] | None = None,
                   peak_size: int | None = None, measured: dict[str, dict[str, float]] | None = None,
-                  deadline: float | None = None, seed: int = 0, verbose: bool = True) -> dict[str, Any]:
+                  deadline: float | None = None, warmup_steps: int = 3, engine_chunk: int = 8, seed: int = 0,
+                  verbose: bool = True) -> dict[str, Any]:
     """Each model's achieved training FLOP/s as a fraction of the machine's matmul peak.
 
     models: registered names; each is trained by the engine path (fit's own step, with the
@@ -460,7 +461,9 @@ def peak_fraction(models: list[str], *, seconds: float = 10.0, batch_size: int =
     on pixel values. measured: {model: {"engine_img_s": .., "bare_img_s": ..}} already
     measured in this process (run_bench's), reused instead of timed again. peak: a
     `matmul_peak` result to reuse. deadline: time.perf_counter() value after which the
-    remaining models are skipped with a note (gpu-run's time budget).
+    remaining models are skipped with a note (gpu-run's time budget). warmup_steps: untimed
+    bare steps first (the engine gets one untimed call unless it is 0). engine_chunk: engine
+    steps per timed call (1 for smoke runs of big models).
     Returns {"peak": ..., "rows": [one dict per model], "skipped": [notes]}.
     """
     from fer_lib.models import create_model
@@ -482,9 +485,10 @@ def peak_fraction(models: list[str], *, seconds: float = 10.0, batch_size: int =
         speeds = dict((measured or {}).get(name, {}))
         if not speeds:
             images, labels = _load_images(max(batch_size * 16, 256), "synthetic", seed)[:2]
-            engine_fn, setup = _engine_step(copy.deepcopy(base), images, labels, batch_size, config_kwargs)
+            engine_fn, setup = _engine_step(copy.deepcopy(base), images, labels, batch_size, config_kwargs,
+                                            chunk=engine_chunk)
             bare_fn = _bare_step(copy.deepcopy(base), batch_size, setup, config_kwargs)
-            meters = {"engine": _Meter(engine_fn, 1), "bare": _Meter(bare_fn, 3)}
+            meters = {"engine": _Meter(engine_fn, min(warmup_steps, 1)), "bare": _Meter(bare_fn, warmup_steps)}
             for _ in range(rounds):
                 for meter in meters.values():
                     meter.run(seconds / rounds)
