@@ -1,6 +1,7 @@
 """Throughput bench: seed-style PIL pipeline vs this engine vs the bare model step.
 
     python -m fer_lib.bench [--model exp3_cnn] [--seconds 20] [--batch-size 64] [--json]
+    python -m fer_lib.bench --peak-models exp3_cnn fernet_small resnet18_48 [--peak-size 2048]
     python -m fer_lib.bench --compare-precision [--epochs 2] [--images 6000]
 
 Three ways to train the same model (same initial weights, Adam lr 1e-3, flip + rotation 10)

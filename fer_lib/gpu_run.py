@@ -162,8 +162,13 @@ class StepResult:
 class _Tee:
     """Writes to the terminal and the log file at once (the log is what comes back)."""
 
+    encoding = "utf-8"
+
     def __init__(self, *streams: TextIO):
         self.streams = streams
+
+    def isatty(self) -> bool:  # progress bars and colours stay off: the log is a plain file
+        return False
 
     def write(self, text: str) -> int:
         for stream in self.streams:
