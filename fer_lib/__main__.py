@@ -395,6 +395,7 @@ DELEGATED: dict[str, tuple[str, str]] = {
     "reproduce": ("fer_lib.recipes", "train a recipe for N seeds, print mean +- std"),
     "bench": ("fer_lib.bench", "throughput: seed-style pipeline vs engine vs bare step"),
     "model-table": ("fer_lib.model_table", "parameters and MFLOPs of every model"),
+    "gpu-run": ("fer_lib.gpu_run", "one budgeted GPU session: CUDA tests, bench, recipes (--pack, --dry-run)"),
 }
 
 

@@ -1,6 +1,7 @@
 """Throughput bench: seed-style PIL pipeline vs this engine vs the bare model step.
 
     python -m fer_lib.bench [--model exp3_cnn] [--seconds 20] [--batch-size 64] [--json]
+    python -m fer_lib.bench --peak-models exp3_cnn fernet_small resnet18_48 [--peak-size 2048]
     python -m fer_lib.bench --compare-precision [--epochs 2] [--images 6000]
 
 Three ways to train the same model (same initial weights, Adam lr 1e-3, flip + rotation 10)
@@ -18,6 +19,14 @@ measured side by side in one process, in training images per second:
 Uses the real FER2013 training split when `fer_lib.data.load_fer2013` finds it, else
 generated images. The last line printed is one JSON object (for scripts and the lead's
 re-measurements on a quiet machine).
+
+Fraction of peak (`--peak-models`, default exp3_cnn and the fast recipe's model): in the
+same process the bench times a large square matmul in the training precision (fp32, or the
+autocast dtype `resolve_device` picks: bf16 on CPUs with avx512_bf16/AMX and on recent GPUs)
+as the machine's practical peak, then each model's training images/s (engine and bare
+paths). Achieved training FLOP/s = images/s x 3 x forward FLOPs of one 1x48x48 image
+(`torch.utils.flop_counter.FlopCounterMode`; backward ~ 2x forward). The fraction
+achieved / peak says how much of the hardware a model's training step uses.
 """
 from __future__ import annotations
 
@@ -34,7 +43,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["run_bench", "compare_precision", "seed_style_curve", "seed_style_train", "SeedStyleRun", "main"]
+__all__ = ["run_bench", "compare_precision", "seed_style_curve", "seed_style_train", "SeedStyleRun",
+           "forward_flops", "training_flops_per_image", "matmul_peak", "peak_fraction", "peak_table", "main"]
 
 
 class _SeedStyleDataset(torch.utils.data.Dataset):
@@ -257,7 +267,7 @@ def seed_style_curve(data, *, seconds: float, model: str = "exp3_cnn", batch_siz
                             max_steps_per_epoch=max_steps_per_epoch, seed=seed).curve
 
 
-def _engine_step(model, images, labels, batch_size, config_kwargs):
+def _engine_step(model, images, labels, batch_size, config_kwargs, chunk: int = 8):
     from fer_lib.device import resolve_device
     from fer_lib.training import Engine, TrainConfig, steps_per_epoch
 
@@ -269,7 +279,7 @@ def _engine_step(model, images, labels, batch_size, config_kwargs):
     y = torch.as_tensor(labels).long().to(setup.device)
     generator = torch.Generator().manual_seed(0)
     order_gen = torch.Generator().manual_seed(0)
-    chunk = 8  # steps per call; the per-call sync is what fit pays once per epoch
+    # chunk: steps per call (default 8); the per-call sync is what fit pays once per epoch
     state = {"order": torch.randperm(len(y), generator=order_gen).to(setup.device), "pos": 0}
 
     def step() -> int:
@@ -373,6 +383,149 @@ def run_bench(model: str = "exp3_cnn", *, seconds: float = 20.0, batch_size: int
     return result
 
 
+def forward_flops(model: nn.Module, input_size: int = 48, in_chans: int = 1) -> int:
+    """FLOPs of one forward pass of `model` on a (1, in_chans, size, size) input.
+
+    Counted by torch.utils.flop_counter.FlopCounterMode (torch >= 2.1): matmuls and
+    convolutions at 2 FLOPs per multiply-accumulate; BatchNorm, activations and pooling are
+    not counted (memory-bound, a few percent of the arithmetic). Eval mode, no grad: the
+    count does not depend on the mode, and BatchNorm1d cannot run a batch of one in training.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(torch.zeros(1, in_chans, input_size, input_size, device=device))
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def training_flops_per_image(model: nn.Module, input_size: int = 48, in_chans: int = 1) -> int:
+    """3 x forward FLOPs: the backward pass costs about twice the forward (gradients with
+    respect to inputs and to weights). A slight over-count: the first layer needs no input
+    gradient."""
+    return 3 * forward_flops(model, input_size, in_chans)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: str | torch.device = "auto", precision: str = "auto", *, size: int | None = None,
+                repeats: int = 10, warmup: int = 3) -> dict[str, Any]:
+    """The machine's practical peak: best-of-`repeats` time of a size x size matmul.
+
+    Precision as `resolve_device` decides for training (fp32, or its autocast dtype), so the
+    fraction of peak compares like with like. size default: 8192 on CUDA (enough work to fill
+    an H100/H200), 2048 on CPU (~17 GFLOP, a fraction of a second on a few cores). `warmup`
+    untimed products first (thread pools, clocks, kernel selection); the best time, not the
+    mean, because a shared machine only ever slows a product down.
+    """
+    from fer_lib.device import resolve_device
+
+    setup = resolve_device(device, precision, channels_last=False)
+    dtype = setup.amp_dtype or torch.float32
+    size = size or (8192 if setup.device.type == "cuda" else 2048)
+    if size < 1 or repeats < 1:
+        raise ValueError(f"matmul_peak needs size >= 1 and repeats >= 1, got {size}, {repeats}")
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(setup.device, dtype)
+    b = torch.randn(size, size, generator=generator).to(setup.device, dtype)
+    out = torch.empty(size, size, device=setup.device, dtype=dtype)
+    for _ in range(warmup):
+        torch.mm(a, b, out=out)
+    _sync(setup.device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        _sync(setup.device)
+        best = min(best, time.perf_counter() - start)
+    return {"device": str(setup.device), "precision": setup.precision, "size": size, "repeats": repeats,
+            "best_seconds": best, "gflops": 2 * size ** 3 / best / 1e9, "threads": torch.get_num_threads()}
+
+
+def peak_fraction(models: list[str], *, seconds: float = 10.0, batch_size: int = 64, n_images: int | None = None,
+                  device: str = "auto", precision: str = "auto", rounds: int = 2, peak: dict[str, Any] | None = None,
+                  peak_size: int | None = None, measured: dict[str, dict[str, float]] | None = None,
+                  deadline: float | None = None, warmup_steps: int = 3, engine_chunk: int = 8, seed: int = 0,
+                  verbose: bool = True) -> dict[str, Any]:
+    """Each model's achieved training FLOP/s as a fraction of the machine's matmul peak.
+
+    models: registered names; each is trained by the engine path (fit's own step, with the
+    exp3 augmentation) and the bare path (forward + backward + step on one batch) for
+    `seconds` each, interleaved over `rounds`. Generated images: throughput does not depend
+    on pixel values. measured: {model: {"engine_img_s": .., "bare_img_s": ..}} already
+    measured in this process (run_bench's), reused instead of timed again. peak: a
+    `matmul_peak` result to reuse. deadline: time.perf_counter() value after which the
+    remaining models are skipped with a note (gpu-run's time budget). warmup_steps: untimed
+    bare steps first (the engine gets one untimed call unless it is 0). engine_chunk: engine
+    steps per timed call (1 for smoke runs of big models).
+    Returns {"peak": ..., "rows": [one dict per model], "skipped": [notes]}.
+    """
+    from fer_lib.models import create_model
+
+    if peak is None:
+        peak = matmul_peak(device, precision, size=peak_size)
+    if verbose:
+        print(f"peak: {peak['size']}x{peak['size']} matmul in {peak['precision']} on {peak['device']}: "
+              f"{peak['gflops']:,.1f} GFLOP/s (best of {peak['repeats']})", flush=True)
+    config_kwargs = {"device": device, "precision": precision, "channels_last": "auto"}
+    rows, skipped = [], []
+    for name in models:
+        if deadline is not None and time.perf_counter() + 2 * seconds > deadline:
+            skipped.append(f"{name}: not measured, the time budget ran out")
+            continue
+        torch.manual_seed(seed)
+        base = create_model(name)
+        flops = training_flops_per_image(base)
+        speeds = dict((measured or {}).get(name, {}))
+        if not speeds:
+            images, labels = _load_images(max(batch_size * 16, 256), "synthetic", seed)[:2]
+            engine_fn, setup = _engine_step(copy.deepcopy(base), images, labels, batch_size, config_kwargs,
+                                            chunk=engine_chunk)
+            bare_fn = _bare_step(copy.deepcopy(base), batch_size, setup, config_kwargs)
+            meters = {"engine": _Meter(engine_fn, min(warmup_steps, 1)), "bare": _Meter(bare_fn, warmup_steps)}
+            for _ in range(rounds):
+                for meter in meters.values():
+                    meter.run(seconds / rounds)
+            speeds = {f"{k}_img_s": m.img_per_s for k, m in meters.items()}
+        row: dict[str, Any] = {"model": name, "params": sum(p.numel() for p in base.parameters()),
+                               "train_mflop_per_image": round(flops / 1e6, 3)}
+        for path in ("engine", "bare"):
+            img_s = float(speeds[f"{path}_img_s"])
+            achieved = img_s * flops / 1e9
+            row[f"{path}_img_s"] = round(img_s, 1)
+            row[f"{path}_gflops"] = round(achieved, 3)
+            row[f"{path}_fraction"] = round(achieved / peak["gflops"], 5)
+        rows.append(row)
+    result = {"peak": peak, "rows": rows, "skipped": skipped, "batch_size": batch_size}
+    if verbose:
+        print(peak_table(result), flush=True)
+        for note in skipped:
+            print(f"skipped {note}", flush=True)
+    return result
+
+
+def peak_table(result: dict[str, Any]) -> str:
+    """`peak_fraction`'s result as markdown: model, path, img/s, achieved GFLOP/s, peak, fraction."""
+    header = ("| model | path | img/s | train MFLOP/img | achieved GFLOP/s | peak GFLOP/s | fraction of peak |\n"
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    peak = result["peak"]["gflops"]
+    lines = [header]
+    for row in result["rows"]:
+        for path in ("engine", "bare"):
+            lines.append(f"| {row['model']} | {path} | {row[f'{path}_img_s']:,.0f} | "
+                         f"{row['train_mflop_per_image']:,.1f} | {row[f'{path}_gflops']:,.1f} | {peak:,.1f} | "
+                         f"{100 * row[f'{path}_fraction']:.2f}% |")
+    return "\n".join(lines)
+
+
 def compare_precision(model: str = "exp3_cnn", *, precisions: tuple[str, ...] = ("fp32", "bf16"),
                       epochs: int = 2, n_images: int | None = 6000, batch_size: int = 64,
                       data_path: str | None = None, device: str = "auto", seed: int = 0,
@@ -432,6 +585,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="instead: train a short run in fp32 and in bf16, print PublicTest accuracy")
     parser.add_argument("--epochs", type=int, default=2, help="--compare-precision: epochs per run")
     parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="--compare-precision: smoke runs")
+    parser.add_argument("--peak-models", nargs="+", default=None, metavar="MODEL",
+                        help="models whose training FLOP/s is compared with the matmul peak "
+                             "(default: --model and the fast_cpu recipe's model)")
+    parser.add_argument("--peak-size", type=int, default=None,
+                        help="side of the peak matmul (default 2048 on CPU, 8192 on CUDA; --quick 256)")
+    parser.add_argument("--no-peak", action="store_true", help="skip the matmul peak and the fraction table")
     args = parser.parse_args(argv)
     if args.compare_precision:
         result = compare_precision(args.model, epochs=args.epochs, batch_size=args.batch_size,
@@ -446,6 +605,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = run_bench(args.model, seconds=seconds, batch_size=args.batch_size, workers=args.workers,
                        n_images=images, data=data, device=args.device, precision=args.precision,
                        warmup_steps=warmup, rounds=rounds, verbose=not args.json)
+    if not args.no_peak:
+        from fer_lib.recipes import get_recipe
+
+        models = list(dict.fromkeys(args.peak_models or [args.model, get_recipe("fast_cpu").model]))
+        # --model was just timed with the same batch size, device and precision: reuse it
+        measured = {args.model: {k: result[k] for k in ("engine_img_s", "bare_img_s")}}
+        peak_size = args.peak_size or (256 if args.quick else None)
+        fraction = peak_fraction(models, seconds=seconds, batch_size=args.batch_size, device=args.device,
+                                 precision=args.precision, rounds=rounds, peak_size=peak_size,
+                                 measured=measured, verbose=not args.json)
+        result["peak"] = fraction["peak"]
+        result["flops"] = fraction["rows"]
     print(json.dumps(result), flush=True)
     return result
 

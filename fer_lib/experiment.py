@@ -76,13 +76,16 @@ def run_experiment(name: str, data: FER2013, model_name: str, config: TrainConfi
                    run_dir: str | Path, model_kwargs: dict[str, Any] | None = None,
                    wandb_mode: str | None = None, project: str = "fer2013",
                    tta: str | None = None, extra: dict[str, Any] | None = None,
-                   resume: bool = False) -> ExperimentResult:
+                   resume: bool = False,
+                   on_epoch_end: Callable[[dict[str, float], nn.Module], None] | None = None
+                   ) -> ExperimentResult:
     """Train `model_name` on data.train, select on data.val, evaluate data.test once.
 
     tta: test-time augmentation for the final val/test evaluation (default: config.tta).
     extra: more key/values stored in results.json (e.g. the sweep's best parameters).
     resume: continue from run_dir/last.pt when it exists (a run longer than one sitting; the
     engine resumes exactly), else start fresh.
+    on_epoch_end: handed to `fit` (called with each epoch's row and model).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +104,7 @@ def run_experiment(name: str, data: FER2013, model_name: str, config: TrainConfi
         if resuming:
             print(f"resuming from {run_dir.name}/last.pt", flush=True)
         fitted = fit(model, data.train, data.val, config, tracker=tracker, run_dir=run_dir,
-                     class_names=data.class_names, resume=bool(resuming))
+                     class_names=data.class_names, resume=bool(resuming), on_epoch_end=on_epoch_end)
         val_eval = evaluate(fitted.model, data.val, batch_size=config.eval_batch_size, tta=tta)
         # PrivateTest is looked at once, after the epoch was chosen on PublicTest.
         test_eval = evaluate(fitted.model, data.test, batch_size=config.eval_batch_size, tta=tta)

@@ -6,17 +6,26 @@ A recipe is what the record notebook (08) and the command line train:
 
 trains the recipe once per seed under the standard protocol (train on Training, keep the
 epoch with the best PublicTest accuracy, evaluate PrivateTest once) and prints a table with
-per-seed PrivateTest accuracy, macro-F1, wall time and device, then mean +- std.
+per-seed PrivateTest accuracy, macro-F1, wall time and device, then mean +- std, then a
+time-to-accuracy table: per seed, the training seconds at which PublicTest accuracy first
+reached 60/65/68% and the PrivateTest accuracy of that epoch's model. The last line printed
+is one JSON object (recipe, test_accuracy_mean/std, wall_seconds_mean,
+ensemble_test_accuracy, machine, time_to_accuracy).
 
-Every hyperparameter is visible in RECIPES below; nothing is tuned on PrivateTest.
+Every hyperparameter is visible in RECIPES below; nothing is tuned on PrivateTest. The
+per-epoch PrivateTest probe behind the time-to-accuracy table only records numbers: the
+epoch kept is still chosen on PublicTest alone.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fer_lib.device import machine_description
 from fer_lib.training import TrainConfig
@@ -43,6 +52,21 @@ RECIPES: dict[str, Recipe] = {
         config=TrainConfig(epochs=12, batch_size=128, lr=0.2, optimizer="sgd", momentum=0.9,
                            nesterov=True, weight_decay=5e-4, scheduler="onecycle", pct_start=0.25,
                            label_smoothing=0.1, augment="fast", tta="flip"),
+    ),
+    # The record recipe scaled to about an hour on 2 CPU cores with bf16 (avx512_bf16/AMX):
+    # the same optimiser, schedule, augmentation, EMA and TTA as "record", on the middle
+    # fernet (64-128-256, ~1.2M params, ~2.2x fewer FLOPs than fernet_large) for 40 epochs.
+    # Sized from a few seconds of throughput, not from a run: no accuracy or wall time has been
+    # measured for it yet.
+    "cpu_record": Recipe(
+        name="cpu_record",
+        model="fernet",
+        description="fernet 64-128-256, khaireddin-style augmentation, Nesterov SGD one-cycle, "
+                    "label smoothing 0.1, EMA, flip TTA, 40 epochs; meant for ~1 h on 2 bf16 CPU "
+                    "cores (not yet measured)",
+        config=TrainConfig(epochs=40, batch_size=128, lr=0.05, optimizer="sgd", momentum=0.9,
+                           nesterov=True, weight_decay=5e-4, scheduler="onecycle", pct_start=0.2,
+                           label_smoothing=0.1, augment="khaireddin", ema_decay=0.999, tta="flip"),
     ),
     # The record attempt: wider net, longer schedule, stronger augmentation, EMA.
     "record": Recipe(
@@ -75,12 +99,76 @@ def get_recipe(name: str) -> Recipe:
         raise ValueError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}") from None
 
 
+# PublicTest accuracies (%) whose first crossing the time-to-accuracy table reports.
+THRESHOLDS: tuple[float, ...] = (60.0, 65.0, 68.0)
+
+
+class BudgetExceeded(RuntimeError):
+    """A run was stopped between epochs because the next epoch would pass its time budget."""
+
+
+class EpochProbe:
+    """fit's on_epoch_end callback: per epoch, training seconds, PublicTest and PrivateTest.
+
+    seconds: cumulative epoch seconds from fit's history (training + the per-epoch PublicTest
+    pass), the same clock as `fer_lib.evaluation.history_curve`; start-up, checkpoint writes
+    and this probe are not in it. PrivateTest is evaluated on the model of that epoch (EMA
+    weights when EMA is on) without TTA, as the per-epoch PublicTest accuracy is, so the two
+    columns are comparable. It is only recorded: fit chooses the kept epoch on PublicTest and
+    never sees these numbers. The probe's own time is summed in `probe_seconds`, so callers
+    can take it out of wall times. deadline: a time.perf_counter() value; when the next
+    epoch (as long as the last one, probe included) would end after it, the probe raises
+    BudgetExceeded (not after the final epoch).
+    """
+
+    def __init__(self, test_split: Any, *, epochs: int, batch_size: int = 512, precision: str = "auto",
+                 deadline: float | None = None):
+        self.test, self.epochs, self.batch_size, self.precision = test_split, epochs, batch_size, precision
+        self.deadline = deadline
+        self.points: list[dict[str, float]] = []
+        self.probe_seconds = 0.0
+        self._seconds = 0.0
+        self._last_end: float | None = None
+
+    def __call__(self, row: dict[str, float], model: Any) -> None:
+        from fer_lib.training import evaluate
+
+        start = time.perf_counter()
+        self._seconds += float(row["seconds"])
+        test = evaluate(model, self.test, batch_size=self.batch_size, precision=self.precision)
+        self.points.append({"epoch": int(row["epoch"]), "seconds": self._seconds,
+                            "val_accuracy": 100 * float(row.get("val_accuracy", math.nan)),
+                            "test_accuracy": 100 * float(test["accuracy"])})
+        end = time.perf_counter()
+        self.probe_seconds += end - start
+        epoch_cost = float(row["seconds"]) if self._last_end is None else end - self._last_end
+        self._last_end = end
+        if (self.deadline is not None and int(row["epoch"]) < self.epochs
+                and end + epoch_cost > self.deadline):
+            raise BudgetExceeded(f"stopped after epoch {int(row['epoch'])}/{self.epochs}: the next epoch "
+                                 f"(~{epoch_cost:.0f} s) would pass the time budget")
+
+    def time_to(self, threshold: float) -> tuple[float, float]:
+        """(seconds, PrivateTest %) at the first epoch whose PublicTest % >= threshold; NaNs if none."""
+        return time_to_accuracy(self.points, threshold)
+
+
+def time_to_accuracy(points: list[dict[str, float]], threshold: float) -> tuple[float, float]:
+    """(seconds, test_accuracy) of the first point with val_accuracy >= threshold, else (nan, nan)."""
+    for point in points:
+        if point["val_accuracy"] >= threshold:
+            return point["seconds"], point["test_accuracy"]
+    return math.nan, math.nan
+
+
 def train_recipe(name: str, data, *, run_dir: str | Path, seed: int = 0,
-                 wandb_mode: str | None = None, resume: bool = False, **overrides: Any):
+                 wandb_mode: str | None = None, resume: bool = False,
+                 on_epoch_end: Callable[[dict[str, float], Any], None] | None = None, **overrides: Any):
     """Train one recipe once under the standard protocol; returns an ExperimentResult.
 
     overrides: TrainConfig fields to change for this run (e.g. epochs=2 for a smoke run).
     resume: continue from run_dir/last.pt when it exists.
+    on_epoch_end: handed to fit (e.g. an EpochProbe).
     """
     from fer_lib.experiment import run_experiment
 
@@ -88,44 +176,98 @@ def train_recipe(name: str, data, *, run_dir: str | Path, seed: int = 0,
     config = replace(recipe.config, seed=seed, **overrides)
     return run_experiment(f"{name}-seed{seed}", data, recipe.model, config, run_dir=run_dir,
                           model_kwargs=recipe.model_kwargs, wandb_mode=wandb_mode,
-                          extra={"recipe": name}, resume=resume)
+                          extra={"recipe": name}, resume=resume, on_epoch_end=on_epoch_end)
+
+
+def _tta_columns(probe: EpochProbe) -> dict[str, float]:
+    columns: dict[str, float] = {}
+    for threshold in THRESHOLDS:
+        seconds, test = probe.time_to(threshold)
+        columns[f"s_to_{threshold:g}"] = seconds
+        columns[f"test_at_{threshold:g}"] = test
+    return columns
 
 
 def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
-              wandb_mode: str | None = None, **overrides: Any):
+              wandb_mode: str | None = None, budget_seconds: float | None = None, **overrides: Any):
     """Train a recipe once per seed; return (per-seed DataFrame, summary dict).
 
     The summary holds mean and std (ddof=1) of each column and, with two or more seeds, the
     ensemble of all of them (softmax average of each model's logits, with the recipe's TTA)
     on PublicTest and PrivateTest. Every seed is a member: nothing is chosen on PrivateTest.
+
+    Each run carries an EpochProbe, so the table also holds, per threshold in THRESHOLDS,
+    `s_to_<t>` (training seconds when PublicTest first reached t%) and `test_at_<t>`
+    (PrivateTest % of that epoch's model), NaN when never reached. wall_seconds is the run's
+    wall time without the probe's own evaluations (`probe_seconds`).
+
+    budget_seconds: a time budget for all seeds. A seed is not started when the previous
+    one's wall time would not fit in what is left, and a run is stopped between epochs when
+    the next epoch would pass the budget; both leave a note in summary["skipped"] (a stopped
+    run's time-to-accuracy so far included) and count in no mean.
     """
     import pandas as pd
 
     from fer_lib.experiment import ensemble_metrics
 
-    rows, members = [], []
-    for seed in seeds:
-        result = train_recipe(name, data, run_dir=Path(out_dir) / f"seed{seed}", seed=seed,
-                              wandb_mode=wandb_mode, **overrides)
+    recipe = get_recipe(name)
+    config = replace(recipe.config, **overrides)
+    deadline = time.perf_counter() + budget_seconds if budget_seconds is not None else None
+    rows, members, skipped = [], [], []
+    curves: dict[str, list[list[float]]] = {}
+    previous_seconds = 0.0
+    for index, seed in enumerate(seeds):
+        if deadline is not None and time.perf_counter() + previous_seconds > deadline:
+            skipped.append(f"seed {seed}: not started, the {budget_seconds:.0f} s budget has "
+                           f"{max(deadline - time.perf_counter(), 0):.0f} s left and the previous seed took "
+                           f"{previous_seconds:.0f} s")
+            continue
+        probe = EpochProbe(data.test, epochs=config.epochs, batch_size=config.eval_batch_size,
+                           precision=config.precision, deadline=deadline)
+        started = time.perf_counter()
+        try:
+            result = train_recipe(name, data, run_dir=Path(out_dir) / f"seed{seed}", seed=seed,
+                                  wandb_mode=wandb_mode, on_epoch_end=probe, **overrides)
+        except BudgetExceeded as stop:
+            reached = ", ".join(f"{t:g}% at {probe.time_to(t)[0]:.0f} s" for t in THRESHOLDS
+                                if not math.isnan(probe.time_to(t)[0]))
+            skipped.append(f"seed {seed}: {stop}; PublicTest reached {reached or 'none of the thresholds'}")
+            curves[f"seed {seed} (stopped)"] = [[pt["seconds"], pt["val_accuracy"]] for pt in probe.points]
+            skipped += [f"seed {later}: not started, the budget ran out" for later in seeds[index + 1:]]
+            break
+        previous_seconds = time.perf_counter() - started
         members.append(result)
+        curves[f"seed {seed}"] = [[pt["seconds"], pt["val_accuracy"]] for pt in probe.points]
         rows.append({
             "seed": seed,
             "val_accuracy": 100 * result.results["val_accuracy"],
             "test_accuracy": 100 * result.results["test_accuracy"],
             "test_macro_f1": 100 * result.results["test_macro_f1"],
-            "wall_seconds": result.results["seconds"],
+            "wall_seconds": result.results["seconds"] - probe.probe_seconds,
             "epochs": result.results["epochs_run"],
             "device": result.results["device"],
+            "probe_seconds": probe.probe_seconds,
+            **_tta_columns(probe),
         })
-    table = pd.DataFrame(rows)
-    summary: dict[str, Any] = {"recipe": name, "seeds": list(seeds),
-                               "machine": machine_description()}
+    columns = ["seed", "val_accuracy", "test_accuracy", "test_macro_f1", "wall_seconds", "epochs", "device",
+               "probe_seconds"] + [f"{k}_{t:g}" for t in THRESHOLDS for k in ("s_to", "test_at")]
+    table = pd.DataFrame(rows, columns=columns)
+    summary: dict[str, Any] = {"recipe": name, "seeds": [int(r["seed"]) for r in rows],
+                               "machine": machine_description(), "skipped": skipped, "curves": curves}
     for col in ("val_accuracy", "test_accuracy", "test_macro_f1", "wall_seconds"):
         values = table[col].to_numpy(dtype=float)
-        summary[col] = {"mean": float(values.mean()),
+        summary[col] = {"mean": float(values.mean()) if len(values) else math.nan,
                         "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
-    if len(seeds) > 1:
-        ensemble: dict[str, Any] = {"members": len(seeds)}
+    summary["time_to_accuracy"] = {}
+    for threshold in THRESHOLDS:
+        seconds = table[f"s_to_{threshold:g}"].dropna().to_numpy(dtype=float)
+        tests = table[f"test_at_{threshold:g}"].dropna().to_numpy(dtype=float)
+        summary["time_to_accuracy"][f"{threshold:g}"] = {
+            "reached": int(len(seconds)), "of": len(rows),
+            "seconds_mean": float(seconds.mean()) if len(seconds) else None,
+            "test_accuracy_mean": float(tests.mean()) if len(tests) else None}
+    if len(members) > 1:
+        ensemble: dict[str, Any] = {"members": len(members)}
         for split, metrics in ensemble_metrics(members, data).items():
             ensemble[f"{split}_accuracy"] = 100 * metrics["accuracy"]
             ensemble[f"{split}_macro_f1"] = 100 * metrics["macro_f1"]
@@ -133,13 +275,33 @@ def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
     return table, summary
 
 
+def _cell(value: float, fmt: str) -> str:
+    return "-" if value is None or math.isnan(value) else format(value, fmt)
+
+
+def time_to_accuracy_markdown(table) -> str:
+    """The per-seed time-to-accuracy table ('-' where a threshold was never reached)."""
+    import pandas as pd
+
+    from fer_lib.evaluation import to_markdown
+
+    shown = {"seed": table["seed"].astype(int).tolist()}
+    for threshold in THRESHOLDS:
+        shown[f"s to {threshold:g}%"] = [_cell(v, ".0f") for v in table[f"s_to_{threshold:g}"]]
+        shown[f"PrivateTest @{threshold:g}"] = [_cell(v, ".2f") for v in table[f"test_at_{threshold:g}"]]
+    return to_markdown(pd.DataFrame(shown))
+
+
 def summary_markdown(table, summary: dict[str, Any], labels: str = "fer2013") -> str:
-    """The reproduce report as markdown: recipe, machine, per-seed table, mean +- std, ensemble."""
+    """The reproduce report as markdown: recipe, machine, per-seed table, mean +- std, ensemble,
+    time to accuracy and the notes of seeds a time budget skipped or stopped."""
     from fer_lib.evaluation import to_markdown
 
     acc, f1, sec = summary["test_accuracy"], summary["test_macro_f1"], summary["wall_seconds"]
+    main_columns = ["seed", "val_accuracy", "test_accuracy", "test_macro_f1", "wall_seconds", "epochs", "device"]
     lines = [f"recipe {summary['recipe']} ({get_recipe(summary['recipe']).description}); "
-             f"labels {labels}", f"machine: {summary['machine']}", "", to_markdown(table, floatfmt=".2f"), "",
+             f"labels {labels}", f"machine: {summary['machine']}", "",
+             to_markdown(table[main_columns], floatfmt=".2f"), "",
              f"PrivateTest accuracy {acc['mean']:.2f} +- {acc['std']:.2f} %, macro-F1 "
              f"{f1['mean']:.2f} +- {f1['std']:.2f} %, wall {sec['mean']:.0f} +- {sec['std']:.0f} s "
              f"over {len(summary['seeds'])} seeds"]
@@ -148,7 +310,24 @@ def summary_markdown(table, summary: dict[str, Any], labels: str = "fer2013") ->
         lines.append(f"Ensemble of the {ens['members']} seeds (softmax average): PrivateTest "
                      f"accuracy {ens['test_accuracy']:.2f} %, macro-F1 {ens['test_macro_f1']:.2f} %"
                      f" (PublicTest {ens['val_accuracy']:.2f} %)")
+    lines += ["", "Time to PublicTest accuracy (training seconds: epochs + their PublicTest pass; "
+              "PrivateTest % of that epoch's model, no TTA, recorded only, never used to choose):", "",
+              time_to_accuracy_markdown(table)]
+    lines += [f"Not run in full: {note}" for note in summary.get("skipped", [])]
     return "\n".join(lines) + "\n"
+
+
+def summary_line_json(summary: dict[str, Any]) -> dict[str, Any]:
+    """The one JSON object `reproduce` prints last (NaN becomes null: strict JSON)."""
+    from fer_lib.fileio import to_jsonable
+
+    return to_jsonable({"recipe": summary["recipe"], "seeds": summary["seeds"],
+                        "test_accuracy_mean": summary["test_accuracy"]["mean"],
+                        "test_accuracy_std": summary["test_accuracy"]["std"],
+                        "wall_seconds_mean": summary["wall_seconds"]["mean"],
+                        "ensemble_test_accuracy": summary.get("ensemble", {}).get("test_accuracy"),
+                        "machine": summary["machine"], "time_to_accuracy": summary["time_to_accuracy"],
+                        "skipped": summary.get("skipped", [])})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", default="fer2013", choices=["fer2013", "ferplus"])
     parser.add_argument("--fraction", type=float, default=1.0, help="data fraction (smoke runs)")
     parser.add_argument("--max-steps-per-epoch", type=int, default=None)
+    parser.add_argument("--budget-seconds", type=float, default=None,
+                        help="time budget for all seeds: later seeds are skipped, a run is stopped "
+                             "between epochs, each with a note")
     parser.add_argument("--out", default="runs/reproduce")
     parser.add_argument("--wandb-mode", default=None, choices=["online", "offline", "disabled"])
     args = parser.parse_args(argv)
@@ -175,17 +357,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_steps_per_epoch is not None:
         overrides["max_steps_per_epoch"] = args.max_steps_per_epoch
     out = Path(args.out) / f"{args.recipe}-{args.labels}"
-    table, summary = reproduce(args.recipe, args.seeds, data, out_dir=out,
-                               wandb_mode=args.wandb_mode, **overrides)
+    table, summary = reproduce(args.recipe, args.seeds, data, out_dir=out, wandb_mode=args.wandb_mode,
+                               budget_seconds=args.budget_seconds, **overrides)
     report = summary_markdown(table, summary, args.labels)
     print("\n" + report, end="")
-    import json
+    from fer_lib.fileio import atomic_write_text, to_jsonable
 
-    from fer_lib.fileio import atomic_write_text
-
-    atomic_write_text(out / "reproduce.json", json.dumps({"summary": summary,
-                                                         "runs": table.to_dict("records")}, indent=2))
+    line = summary_line_json(summary)
+    record = {"summary": summary, "runs": table.to_dict("records"), "line": line}
+    atomic_write_text(out / "reproduce.json", json.dumps(to_jsonable(record), indent=2))
     atomic_write_text(out / "reproduce.md", report)
+    print(json.dumps(line), flush=True)
     return 0
 
 

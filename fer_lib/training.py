@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -651,7 +651,8 @@ def _run_epoch(engine: Engine, data: _TrainData, epoch: int, mode: str) -> dict[
 
 def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None = None, *, tracker: Any = None,
         run_dir: str | Path | None = None, resume: bool | str | Path | None = None,
-        class_names: Sequence[str] | None = None) -> FitResult:
+        class_names: Sequence[str] | None = None,
+        on_epoch_end: Callable[[dict[str, float], nn.Module], None] | None = None) -> FitResult:
     """Train `model` on `train`, select the best epoch on `val` accuracy, return FitResult.
 
     model: an nn.Module (moved to the training device in place) or a registered model name.
@@ -663,6 +664,9 @@ def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None
     resume: True (run_dir/last.pt) or a checkpoint path: continue that run to config.epochs.
         The model, the training data and (for one-cycle/cosine) the schedule's length must
         match the saved run, else ResumeError before any training.
+    on_epoch_end: called as on_epoch_end(row, model) after each epoch is logged (row: a copy), with the
+        model that epoch would be kept as (EMA weights when EMA is on); it may evaluate, must not
+        train, and may raise to stop the run (e.g. fer_lib.recipes' time budget).
     Returns FitResult with the model holding the best (EMA if enabled) weights.
     """
     config = config or TrainConfig()
@@ -720,6 +724,8 @@ def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None
                 print(summary_line(row, config.epochs), flush=True)
             if tracker is not None:
                 tracker.log(dict(row), step=epoch)
+            if on_epoch_end is not None:
+                on_epoch_end(dict(row), engine.eval_model)
             if stop_now:
                 stopped_early = True
                 if mode != "off":

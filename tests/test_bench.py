@@ -14,6 +14,47 @@ def test_bench_quick_prints_one_json_line_with_all_three_paths(capsys):
     assert abs(result["engine_vs_seed"] - result["engine_img_s"] / result["seed_style_img_s"]) < 0.01 * result["engine_vs_seed"]
     assert result["model"] == "exp3_cnn" and result["batch_size"] == 8 and result["device"] == "cpu"
     assert result["data"] == "synthetic" and result["precision"] in ("fp32", "bf16")
+    # the peak and the fraction table cover --model and the fast recipe's model
+    assert result["peak"]["precision"] == result["precision"] and result["peak"]["gflops"] > 0
+    assert [row["model"] for row in result["flops"]] == ["exp3_cnn", "fernet_small"]
+    assert result["flops"][0]["engine_img_s"] == result["engine_img_s"]
+
+
+def test_forward_flops_of_a_tiny_conv_linear_model_is_the_hand_count():
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(4 * 24 * 24, 7))
+    conv = 4 * 48 * 48 * (1 * 3 * 3)  # outputs x multiply-adds per output
+    linear = 4 * 24 * 24 * 7
+    assert bench.forward_flops(model) == 2 * (conv + linear) == 198_144
+    assert bench.training_flops_per_image(model) == 3 * 198_144
+    assert model.training  # the mode is restored
+    # the same count as the model table's own hooks, on a registered model
+    from fer_lib.model_table import count_macs
+    from fer_lib.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("fernet_small")
+    assert bench.forward_flops(net) == 2 * count_macs(net)
+
+
+def test_peak_fraction_table_smoke():
+    result = bench.peak_fraction(["exp3_cnn"], seconds=0.05, batch_size=4, rounds=1, peak_size=64,
+                                 verbose=False)
+    peak = result["peak"]
+    assert peak["size"] == 64 and peak["gflops"] > 0 and peak["precision"] in ("fp32", "bf16")
+    (row,) = result["rows"]
+    assert row["model"] == "exp3_cnn" and row["engine_img_s"] > 0 and row["bare_img_s"] > 0
+    expected = row["bare_img_s"] * row["train_mflop_per_image"] / 1e3  # img/s x MFLOP -> GFLOP/s
+    assert abs(row["bare_gflops"] - expected) <= 0.05 * row["bare_gflops"] + 1e-3
+    table = bench.peak_table(result)
+    assert table.splitlines()[0].startswith("| model | path | img/s") and "fraction of peak" in table
+    assert sum("| exp3_cnn |" in line for line in table.splitlines()) == 2
+    # a deadline already passed skips the model with a note instead of timing it
+    late = bench.peak_fraction(["exp3_cnn"], seconds=0.05, peak=peak, deadline=0.0, verbose=False)
+    assert late["rows"] == [] and "exp3_cnn" in late["skipped"][0]
 
 
 def test_compare_precision_runs_each_precision_on_the_same_start(tmp_path, monkeypatch, capsys):

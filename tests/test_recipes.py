@@ -8,6 +8,9 @@ from fer_lib.recipes import RECIPES, get_recipe, main
 
 
 def test_every_recipe_names_a_registered_model():
+    assert {"fast_cpu", "cpu_record", "record"} <= set(RECIPES)
+    # a recipe nobody has run says so instead of quoting numbers
+    assert "not yet measured" in RECIPES["cpu_record"].description
     for recipe in RECIPES.values():
         assert recipe.model in list_models()
     with pytest.raises(ValueError, match="fast_cpu"):
@@ -37,6 +40,18 @@ def test_reproduce_command_trains_each_seed_and_prints_the_table(tmp_path, capsy
     # the markdown report is what was printed, kept beside the JSON for the README
     report = (out / "fast_cpu-fer2013" / "reproduce.md").read_text()
     assert report.strip() in printed and "machine:" in report
+    # time to accuracy: one row per seed, '-' where a threshold was never reached
+    assert "| seed | s to 60% | PrivateTest @60 | s to 65%" in report
+    for run in saved["runs"]:
+        assert run["probe_seconds"] > 0 and run["wall_seconds"] > 0
+    # the last line is one JSON object for scripts
+    line = json.loads(printed.strip().splitlines()[-1])
+    assert line["recipe"] == "fast_cpu" and line["seeds"] == [0, 1]
+    for key in ("test_accuracy_mean", "test_accuracy_std", "wall_seconds_mean", "ensemble_test_accuracy",
+                "machine"):
+        assert key in line
+    assert line["test_accuracy_mean"] == pytest.approx(saved["summary"]["test_accuracy"]["mean"])
+    assert set(line["time_to_accuracy"]) == {"60", "65", "68"}
 
 
 def test_ensemble_of_seeds_averages_softmax_over_members(monkeypatch, tmp_path):
@@ -85,3 +100,86 @@ def test_machine_description_names_the_hardware_and_torch():
     assert torch.__version__ in text
     if not torch.cuda.is_available():
         assert f"{os.cpu_count()} cores" in text and not text.startswith(" ")
+
+
+def _tiny_split(n=14):
+    import types
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return types.SimpleNamespace(images=rng.integers(0, 256, (n, 48, 48), dtype=np.uint8),
+                                 labels=np.arange(n) % 7)
+
+
+def _tiny_model():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(48 * 48, 7))
+
+
+def test_epoch_probe_records_time_to_accuracy_and_stops_at_the_budget():
+    import math
+    import time
+
+    from fer_lib.recipes import BudgetExceeded, EpochProbe
+
+    probe = EpochProbe(_tiny_split(), epochs=3, precision="fp32")
+    model = _tiny_model()
+    for epoch, seconds, val in ((1, 10.0, 0.55), (2, 12.0, 0.62), (3, 11.0, 0.66)):
+        probe({"epoch": epoch, "seconds": seconds, "val_accuracy": val}, model)
+    assert [p["seconds"] for p in probe.points] == [10.0, 22.0, 33.0]
+    assert probe.probe_seconds > 0
+    seconds, test = probe.time_to(60)
+    assert seconds == 22.0 and 0 <= test <= 100
+    assert probe.time_to(65)[0] == 33.0
+    assert all(math.isnan(v) for v in probe.time_to(68))
+    # a deadline the next epoch would pass stops the run between epochs, never after the last
+    late = EpochProbe(_tiny_split(), epochs=3, precision="fp32", deadline=time.perf_counter() + 5)
+    with pytest.raises(BudgetExceeded, match="after epoch 1/3"):
+        late({"epoch": 1, "seconds": 60.0, "val_accuracy": 0.5}, model)
+    last = EpochProbe(_tiny_split(), epochs=1, precision="fp32", deadline=0.0)
+    last({"epoch": 1, "seconds": 60.0, "val_accuracy": 0.5}, model)
+
+
+def test_the_private_test_probe_does_not_change_training():
+    from fer_lib.recipes import EpochProbe
+    from fer_lib.training import TrainConfig, fit
+
+    config = TrainConfig(epochs=2, batch_size=4, lr=0.05, optimizer="sgd", augment="fast", ema_decay=0.9,
+                         progress=False, checkpoint_every_epoch=False, precision="fp32")
+    split = _tiny_split(16)
+    plain = fit(_tiny_model(), split, split, config)
+    probe = EpochProbe(split, epochs=2, precision="fp32")
+    probed = fit(_tiny_model(), split, split, config, on_epoch_end=probe)
+    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+    assert [[row[k] for k in keys] for row in plain.history] == [[row[k] for k in keys] for row in probed.history]
+    assert [p["epoch"] for p in probe.points] == [1, 2]
+
+
+def test_reproduce_budget_stops_a_run_and_skips_the_rest_with_notes(monkeypatch, tmp_path):
+    import types
+
+    from fer_lib import recipes
+    from fer_lib.data import CLASS_NAMES
+
+    split = _tiny_split()
+    data = types.SimpleNamespace(train=split, val=split, test=split, class_names=CLASS_NAMES)
+
+    def fake_train(name, data, *, run_dir, seed, wandb_mode=None, on_epoch_end=None, **overrides):
+        # one epoch "took" 100 s and reached 61% PublicTest; the budget has room for no second one
+        on_epoch_end({"epoch": 1, "seconds": 100.0, "val_accuracy": 0.61}, _tiny_model())
+        raise AssertionError("the probe should have stopped this run")
+
+    monkeypatch.setattr(recipes, "train_recipe", fake_train)
+    table, summary = recipes.reproduce("fast_cpu", [0, 1], data, out_dir=tmp_path, budget_seconds=50)
+    assert len(table) == 0 and summary["seeds"] == []
+    first, second = summary["skipped"]
+    assert first.startswith("seed 0: stopped after epoch 1/") and "60% at 100 s" in first
+    assert second == "seed 1: not started, the budget ran out"
+    report = recipes.summary_markdown(table, summary)
+    assert "Not run in full: seed 0" in report
+    line = recipes.summary_line_json(summary)
+    assert line["test_accuracy_mean"] is None and line["ensemble_test_accuracy"] is None
