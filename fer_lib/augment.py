@@ -384,7 +384,8 @@ class RandomAffine(GeometricAugment):
     or 4 numbers (x range, y range). Fill outside the image with `fill` (0..1 pixel value).
     """
 
-    def __init__(self, degrees=0.0, translate=None, scale=None, shear=None, fill: float = 0.0, p: float = 1.0, **kwargs):
+    def __init__(self, degrees=0.0, translate=None, scale=None, shear=None, fill: float = 0.0, p: float = 1.0,
+                 **kwargs):
         super().__init__(**kwargs)
         self.degrees = _pair(degrees, "degrees")
         self.translate = None if translate is None else (float(translate[0]), float(translate[1]))
@@ -420,7 +421,10 @@ class RandomAffine(GeometricAugment):
             ty = torch.round(_uniform(batch, -max_dy, max_dy, generator, device))
         else:
             tx = ty = torch.zeros(batch, device=device)
-        scale = _uniform(batch, *self.scale, generator, device) if self.scale is not None else torch.ones(batch, device=device)
+        if self.scale is not None:
+            scale = _uniform(batch, *self.scale, generator, device)
+        else:
+            scale = torch.ones(batch, device=device)
         if self.shear is not None:
             shx = torch.deg2rad(_uniform(batch, self.shear[0], self.shear[1], generator, device))
             shy = torch.deg2rad(_uniform(batch, self.shear[2], self.shear[3], generator, device))
@@ -442,7 +446,8 @@ class RandomAffine(GeometricAugment):
         return _apply_p(_inverse_affine(fwd), self.p, generator, device), (height, width)
 
     def extra_repr(self) -> str:
-        return f"degrees={self.degrees}, translate={self.translate}, scale={self.scale}, shear={self.shear}, fill={self.fill}, p={self.p}"
+        return (f"degrees={self.degrees}, translate={self.translate}, scale={self.scale}, shear={self.shear}, "
+                f"fill={self.fill}, p={self.p}")
 
 
 class Pad(GeometricAugment):
@@ -695,7 +700,8 @@ class RandomErasing(Augment):
         device = x.device
         apply = _rand(batch, generator, device) < self.p
         area = _uniform(batch * k, *self.scale, generator, device).view(batch, k) * (height * width)
-        aspect = torch.exp(_uniform(batch * k, math.log(self.ratio[0]), math.log(self.ratio[1]), generator, device)).view(batch, k)
+        log_ratio = _uniform(batch * k, math.log(self.ratio[0]), math.log(self.ratio[1]), generator, device)
+        aspect = torch.exp(log_ratio).view(batch, k)
         h = torch.round(torch.sqrt(area * aspect))
         w = torch.round(torch.sqrt(area / aspect))
         ok = (h < height) & (w < width)

@@ -58,7 +58,8 @@ class DeviceSetup:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def describe(self) -> str:
-        return f"{self.device} {self.precision}{' channels_last' if self.channels_last else ''}{' compiled' if self.compile else ''}"
+        flags = (" channels_last" if self.channels_last else "") + (" compiled" if self.compile else "")
+        return f"{self.device} {self.precision}{flags}"
 
 
 def _cpuinfo(key: str) -> str | None:

@@ -381,8 +381,7 @@ def show_result(result: ExperimentResult, data: FER2013, *,
     F1, and the most confidently wrong PrivateTest faces. others: label -> history of an
     earlier run to overlay on the validation curve (04 shows 03's).
     """
-    from fer_lib.evaluation import (plot_confusion_matrix, plot_history, plot_misclassified,
-                                    plot_per_class_f1)
+    from fer_lib.evaluation import plot_confusion_matrix, plot_history, plot_misclassified, plot_per_class_f1
 
     summary = fit_summary(result, data.class_names)
     gap = summary["train_accuracy_last"] - summary["val_accuracy_last"]

@@ -237,7 +237,8 @@ def _prepare_data(train: Any, val: Any, config: TrainConfig, class_names: Sequen
 
 def _seed_for(seed: int, epoch: int, stream: int) -> int:
     """Independent seed per (run seed, epoch, stream): batch order and augment need no saved state."""
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, epoch, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, epoch, stream]).generate_state(1, dtype=np.uint64)
+    return int(state[0] >> 1)
 
 
 # --------------------------------------------------------------------------------------

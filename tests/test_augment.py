@@ -149,7 +149,8 @@ def test_compose_fuses_consecutive_geometric_transforms():
     aug = A.build_augment("exp6")
     assert len(aug.stages) == 1  # pad/crop + flip + rotation: one grid_sample
     aug5 = A.build_augment("exp5")
-    assert [type(s).__name__ for s in aug5.stages] == ["_FusedGeometric", "ColorJitter", "GaussianBlur", "RandomErasing"]
+    stages = [type(s).__name__ for s in aug5.stages]
+    assert stages == ["_FusedGeometric", "ColorJitter", "GaussianBlur", "RandomErasing"]
 
 
 def test_random_erasing_boxes_per_sample():

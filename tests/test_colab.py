@@ -183,7 +183,7 @@ def test_notebook_starts_in_a_colab_like_kernel(tmp_path):
     how = _preinstall(python, site)
     print(f"[{time.perf_counter() - start:6.1f} s] {how}")
     before = _torch_state(python)
-    for name, (_, origin, _, _) in before.items():
+    for _, origin, _, _ in before.values():
         assert Path(origin).resolve().is_relative_to(site.resolve()), (how, before)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "JUPYTER"))}

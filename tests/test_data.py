@@ -82,7 +82,7 @@ def test_kaggle_train_test_pair(tmp_path, quote_pixels):
     for split in (data.val, data.test):
         assert not split.has_labels
         with pytest.raises(DatasetError, match=r"test\.csv.*no labels"):
-            split.labels
+            _ = split.labels
 
 
 def test_kaggle_pair_given_as_train_csv_file(tmp_path):
@@ -557,7 +557,7 @@ def test_split_and_summary(tmp_path):
     assert len(sub) == 5 and sub.name == "train"
     unlabeled = Split(images=np.zeros((2, 48, 48), np.uint8), labels=None, name="x", unlabeled_reason="why")
     with pytest.raises(DatasetError, match="why"):
-        unlabeled.labels
+        _ = unlabeled.labels
     with pytest.raises(ValueError, match="3 labels for 2 images"):
         Split(images=np.zeros((2, 48, 48), np.uint8), labels=np.zeros(3), name="x")
     assert "no labels" in repr(unlabeled)

@@ -2,6 +2,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -53,3 +55,13 @@ def test_readme_model_table_matches_the_code():
     shown = readme[readme.index(start) + len(start):readme.index(end)]
     assert shown.strip() == to_markdown(model_table()).strip(), \
         "README model table is stale: paste `python -m fer_lib model-table` into it"
+
+
+def test_ci_lints_with_pyflakes_and_bugbear_before_the_tests():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    lint = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ruff"]["lint"]
+    assert {"F", "B"} <= set(lint["select"])
+    test_cmd = (ROOT / ".ci/run").read_text().splitlines()[-1]
+    assert test_cmd.index("ruff check fer_lib tests") < test_cmd.index("pytest")
+    assert any(line.startswith("ruff==") for line in (ROOT / "requirements.txt").read_text().splitlines())

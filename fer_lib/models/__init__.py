@@ -9,8 +9,7 @@ register; it builds no model.
 """
 # The family modules are imported for their registration side effect (their factories are
 # decorated with @register_model); they also stay reachable as fer_lib.models.report003 etc.
-from fer_lib.models import (  # noqa: F401
-    fernet, records, report000, report001, report002, report003, report004)
+from fer_lib.models import fernet, records, report000, report001, report002, report003, report004  # noqa: F401
 from fer_lib.models.registry import create_model, list_models, model_info, register_model
 
 __all__ = ["create_model", "list_models", "model_info", "register_model"]
