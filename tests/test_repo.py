@@ -65,3 +65,24 @@ def test_ci_lints_with_pyflakes_and_bugbear_before_the_tests():
     test_cmd = (ROOT / ".ci/run").read_text().splitlines()[-1]
     assert test_cmd.index("ruff check fer_lib tests") < test_cmd.index("pytest")
     assert any(line.startswith("ruff==") for line in (ROOT / "requirements.txt").read_text().splitlines())
+
+
+def test_readme_claims_are_the_report_claims():
+    """The README's notebook table states each report's claim as fer_lib.results.REPORT_CLAIMS holds it."""
+    from decimal import ROUND_HALF_UP, Decimal
+
+    from fer_lib.results import REPORT_CLAIMS
+
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        match = re.match(r"\| \[(\d\d_\w+)\]\(notebooks/", line)
+        if match:
+            rows[match.group(1)] = line.rstrip(" |").rsplit("|", 1)[1].strip()
+    assert set(REPORT_CLAIMS) <= set(rows), "a notebook with a report claim is missing from the README table"
+    for notebook, claim in REPORT_CLAIMS.items():
+        if claim.accuracy is None:
+            assert rows[notebook] == "-", notebook
+            continue
+        where = "own hold-out" if "hold-out" in claim.metric else "validation"
+        shown = Decimal(str(claim.accuracy)).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP)
+        assert rows[notebook] == f"{shown}% ({where})", notebook

@@ -289,6 +289,45 @@ def test_balancing_options_and_schedulers_run(data):
     assert all(math.log2(1e-2 / lr) == pytest.approx(round(math.log2(1e-2 / lr))) for lr in lrs)
 
 
+def test_class_weights_weight_the_loss_as_computed_by_hand(data):
+    from fer_lib.augment import to_float
+    from fer_lib.balance import class_weights
+
+    images, labels = data[0]
+    model = tiny(dropout=0.0)
+    with torch.no_grad():
+        model.head.weight.mul_(30)  # confident, unequal predictions: per-class losses differ
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # one full batch, lr 0 (the weights stay as they are), fp32, no augmentation
+    config = TrainConfig(epochs=1, batch_size=len(labels), lr=0.0, device="cpu", precision="fp32",
+                         channels_last=False, class_weights=True)
+    result = fit(model, (images, labels), None, config)
+    reference = tiny(dropout=0.0)
+    reference.load_state_dict(before)
+    reference.train()  # the engine's forward: BatchNorm on batch statistics
+    with torch.no_grad():
+        logits = reference(to_float(torch.as_tensor(images)))
+    weight = class_weights(labels, num_classes=7)
+    by_hand = torch.nn.functional.cross_entropy(logits, torch.as_tensor(labels).long(), weight=weight)
+    unweighted = torch.nn.functional.cross_entropy(logits, torch.as_tensor(labels).long())
+    assert result.history[0]["train_loss"] == pytest.approx(float(by_hand), rel=1e-5)
+    assert abs(float(by_hand) - float(unweighted)) > 0.01  # the weights really change this loss
+
+
+def test_upsampling_trains_every_class_at_the_majority_count(data):
+    import numpy as np
+
+    images, labels = data[0]
+    counts = np.bincount(labels, minlength=7)
+    config = TrainConfig(epochs=1, batch_size=16, device="cpu", upsample=True)
+    result = fit(tiny(), (images, labels), None, config)
+    present = int((counts > 0).sum())
+    expected = present * int(counts.max())  # every present class repeated up to the largest one
+    # all batches of the epoch but a final batch of one image (dropped, see steps_per_epoch)
+    assert result.history[0]["images"] == expected - (1 if expected % 16 == 1 else 0)
+    assert expected > len(labels)
+
+
 # ---- faults: one run folder per training, resume only what can be continued, best from memory
 
 _HOLD_FOLDER = """
