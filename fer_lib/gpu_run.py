@@ -238,8 +238,9 @@ def _step_recipe(name: str, recipe: str, budget: float, dry_run: bool, data, wor
     overrides: dict[str, Any] = {"progress": "plain", "checkpoint_every_epoch": False}
     if dry_run:
         overrides.update(epochs=1, max_steps_per_epoch=2, batch_size=16)
-    table, summary = reproduce(recipe, list(SEEDS), data, out_dir=work / recipe, wandb_mode="disabled",
-                               budget_seconds=budget, **overrides)
+    run = reproduce(recipe, list(SEEDS), data, out_dir=work / recipe, wandb_mode="disabled",
+                    budget_seconds=budget, **overrides)
+    table, summary = run.table, run.summary
     report = summary_markdown(table, summary)
     print("\n" + report, end="", flush=True)
     line = summary_line_json(summary)

@@ -188,9 +188,19 @@ def _tta_columns(probe: EpochProbe) -> dict[str, float]:
     return columns
 
 
+@dataclass
+class Reproduction:
+    """What `reproduce` returns: the per-seed table, the summary, and the trained runs."""
+
+    table: Any  # pandas.DataFrame, one row per finished seed
+    summary: dict[str, Any]
+    members: list[Any]  # fer_lib.experiment.ExperimentResult per finished seed, in seed order
+
+
 def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
-              wandb_mode: str | None = None, budget_seconds: float | None = None, **overrides: Any):
-    """Train a recipe once per seed; return (per-seed DataFrame, summary dict).
+              wandb_mode: str | None = None, budget_seconds: float | None = None, resume: bool = False,
+              **overrides: Any) -> Reproduction:
+    """Train a recipe once per seed (run folders out_dir/seed<k>); return a Reproduction.
 
     The summary holds mean and std (ddof=1) of each column and, with two or more seeds, the
     ensemble of all of them (softmax average of each model's logits, with the recipe's TTA)
@@ -204,7 +214,9 @@ def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
     budget_seconds: a time budget for all seeds. A seed is not started when the previous
     one's wall time would not fit in what is left, and a run is stopped between epochs when
     the next epoch would pass the budget; both leave a note in summary["skipped"] (a stopped
-    run's time-to-accuracy so far included) and count in no mean.
+    run's time-to-accuracy so far included) and count in no mean. resume: continue each seed
+    from its run folder's last checkpoint (a resumed run's time-to-accuracy covers only the
+    epochs trained in this call).
     """
     import pandas as pd
 
@@ -227,7 +239,7 @@ def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
         started = time.perf_counter()
         try:
             result = train_recipe(name, data, run_dir=Path(out_dir) / f"seed{seed}", seed=seed,
-                                  wandb_mode=wandb_mode, on_epoch_end=probe, **overrides)
+                                  wandb_mode=wandb_mode, resume=resume, on_epoch_end=probe, **overrides)
         except BudgetExceeded as stop:
             reached = ", ".join(f"{t:g}% at {probe.time_to(t)[0]:.0f} s" for t in THRESHOLDS
                                 if not math.isnan(probe.time_to(t)[0]))
@@ -272,7 +284,7 @@ def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
             ensemble[f"{split}_accuracy"] = 100 * metrics["accuracy"]
             ensemble[f"{split}_macro_f1"] = 100 * metrics["macro_f1"]
         summary["ensemble"] = ensemble
-    return table, summary
+    return Reproduction(table, summary, members)
 
 
 def _cell(value: float, fmt: str) -> str:
@@ -357,8 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_steps_per_epoch is not None:
         overrides["max_steps_per_epoch"] = args.max_steps_per_epoch
     out = Path(args.out) / f"{args.recipe}-{args.labels}"
-    table, summary = reproduce(args.recipe, args.seeds, data, out_dir=out, wandb_mode=args.wandb_mode,
-                               budget_seconds=args.budget_seconds, **overrides)
+    run = reproduce(args.recipe, args.seeds, data, out_dir=out, wandb_mode=args.wandb_mode,
+                    budget_seconds=args.budget_seconds, **overrides)
+    table, summary = run.table, run.summary
     report = summary_markdown(table, summary, args.labels)
     print("\n" + report, end="")
     from fer_lib.fileio import atomic_write_text, to_jsonable

@@ -143,6 +143,19 @@ def collect_results(runs_dir: str | os.PathLike) -> pd.DataFrame:
 RESULTS_MIMETYPE = "application/vnd.fer-lib.results+json"
 
 
+SERIES_COLUMNS = ["notebook", "model", "val_accuracy", "test_accuracy", "macro_f1", "claim_accuracy",
+                  "claim_metric"]
+
+
+def series_table(runs_dir: str | os.PathLike) -> pd.DataFrame:
+    """`collect_results` with accuracies and macro-F1 in percent, like the reports' claims:
+    the table the series summary (summary.md) and notebook 08 show."""
+    table = collect_results(runs_dir)
+    for col in ("val_accuracy", "test_accuracy", "macro_f1"):
+        table[col] = table[col].astype(float) * 100.0
+    return table
+
+
 class ResultRow:
     """Our measured numbers beside the report's claim, as a notebook's results cell shows them.
 

@@ -233,19 +233,16 @@ def summarise_series(out_root: str | os.PathLike) -> str:
 
     from fer_lib.evaluation import to_markdown
     from fer_lib.fileio import atomic_write_text
-    from fer_lib.results import collect_results, plot_results
+    from fer_lib.results import SERIES_COLUMNS, plot_results, series_table
 
     out_root = Path(out_root)
     profile = out_root.name
-    table = collect_results(out_root)
+    table = series_table(out_root)
     timings = load_timings(out_root)
     seconds = dict(zip(timings["notebook"], timings["seconds"]))
     machine_of = dict(zip(timings["notebook"], timings["machine"]))
     table["wall_seconds"] = [seconds.get(n) for n in table["notebook"]]
-    for col in ("val_accuracy", "test_accuracy", "macro_f1"):
-        table[col] = table[col].astype(float) * 100.0
-    shown = table[["notebook", "model", "val_accuracy", "test_accuracy", "macro_f1",
-                   "claim_accuracy", "claim_metric", "wall_seconds"]]
+    shown = table[SERIES_COLUMNS + ["wall_seconds"]]
     total = float(table["wall_seconds"].astype(float).sum(skipna=True))
     machines = list(dict.fromkeys(m for m in (machine_of.get(n) for n in table["notebook"]) if m))
     if len(machines) == 1:

@@ -83,7 +83,9 @@ def test_ensemble_of_seeds_averages_softmax_over_members(monkeypatch, tmp_path):
                                      test_logits=member_logits[seed])
 
     monkeypatch.setattr(recipes, "train_recipe", fake_train)
-    table, summary = recipes.reproduce("fast_cpu", [0, 1], data, out_dir=tmp_path)
+    run = recipes.reproduce("fast_cpu", [0, 1], data, out_dir=tmp_path)
+    table, summary = run.table, run.summary
+    assert [100 * m.results["test_accuracy"] for m in run.members] == list(table["test_accuracy"])
     assert list(table["test_accuracy"]) == [50.0, 50.0]
     assert summary["ensemble"]["test_accuracy"] == 100.0
     assert summary["test_accuracy"]["mean"] == 50.0
@@ -174,7 +176,9 @@ def test_reproduce_budget_stops_a_run_and_skips_the_rest_with_notes(monkeypatch,
         raise AssertionError("the probe should have stopped this run")
 
     monkeypatch.setattr(recipes, "train_recipe", fake_train)
-    table, summary = recipes.reproduce("fast_cpu", [0, 1], data, out_dir=tmp_path, budget_seconds=50)
+    run = recipes.reproduce("fast_cpu", [0, 1], data, out_dir=tmp_path, budget_seconds=50)
+    table, summary = run.table, run.summary
+    assert run.members == []
     assert len(table) == 0 and summary["seeds"] == []
     first, second = summary["skipped"]
     assert first.startswith("seed 0: stopped after epoch 1/") and "60% at 100 s" in first
