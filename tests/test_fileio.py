@@ -47,12 +47,17 @@ def test_a_writer_that_writes_nothing_is_an_error(tmp_path):
         pass
 
 
+def _dead_pid() -> int:
+    """The pid of a process that has exited: free (or reused much later), like a killed writer's."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(done.stdout)
+
+
 def test_temporaries_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
     target = tmp_path / "last.pt"
-    # a process that has exited: its pid is free (or reused much later), like a killed writer's
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    stale = tmp_path / f".last.pt.{int(dead.stdout)}.tmp"
+    dead = _dead_pid()
+    stale = tmp_path / f".last.pt.{dead}.tmp"
     stale.write_bytes(b"left behind")
     alive = tmp_path / f".last.pt.{os.getppid()}.tmp"  # a live process may still be writing
     alive.write_bytes(b"in progress")
@@ -124,9 +129,8 @@ def test_safe_filename_bounds_long_names_and_keeps_them_distinct():
 
 def test_keep_suffix_temporaries_end_in_the_suffix_and_stale_ones_are_removed(tmp_path):
     target = tmp_path / "clip.avi"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    stale = tmp_path / f".clip.avi.{int(dead.stdout)}.tmp.avi"
+    dead = _dead_pid()
+    stale = tmp_path / f".clip.avi.{dead}.tmp.avi"
     stale.write_bytes(b"left behind")
     with fileio.atomic_path(target, keep_suffix=True) as tmp:
         assert tmp.suffix == ".avi" and tmp.parent == tmp_path

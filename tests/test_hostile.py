@@ -230,6 +230,15 @@ def _set(key, value):
     return edit
 
 
+def _with_metadata(weights_file: Path, path: Path, edit) -> Path:
+    """A copy of `weights_file` at `path` whose .json sidecar `edit(meta)` changed (json writes NaN as NaN)."""
+    path.write_bytes(weights_file.read_bytes())
+    meta = json.loads(weights_file.with_suffix(".json").read_text())
+    edit(meta)
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    return path
+
+
 @pytest.mark.parametrize("edit,field,problem", [
     (_set("normalization.std", 0), "normalization.std", "must be positive"),
     (_set("normalization.std", [0.2, -1.0]), "normalization.std", "must be positive"),
@@ -249,11 +258,7 @@ def _set(key, value):
 ])
 def test_lying_metadata_is_one_error_naming_file_and_field(weights_file, tmp_path, edit, field,
                                                             problem):
-    bad = tmp_path / "bad.safetensors"
-    bad.write_bytes(weights_file.read_bytes())
-    meta = json.loads(weights_file.with_suffix(".json").read_text())
-    edit(meta)
-    bad.with_suffix(".json").write_text(json.dumps(meta))  # json writes NaN as NaN
+    bad = _with_metadata(weights_file, tmp_path / "bad.safetensors", edit)
     with pytest.raises(weights_io.WeightsError) as info:
         weights_io.load_weights(bad)
     message = str(info.value)
@@ -278,12 +283,11 @@ def test_metadata_in_a_lone_safetensors_header_is_validated_too(tmp_path):
 
 
 def test_outputs_must_match_class_names_and_weights_must_be_finite(weights_file, tmp_path):
-    bad = tmp_path / "three.safetensors"
-    bad.write_bytes(weights_file.read_bytes())
-    meta = json.loads(weights_file.with_suffix(".json").read_text())
-    meta["class_names"] = ["a", "b", "c"]
-    del meta["model"]["kwargs"]["num_classes"]  # the registry default (7) is built
-    bad.with_suffix(".json").write_text(json.dumps(meta))
+    def edit(meta):
+        meta["class_names"] = ["a", "b", "c"]
+        del meta["model"]["kwargs"]["num_classes"]  # the registry default (7) is built
+
+    bad = _with_metadata(weights_file, tmp_path / "three.safetensors", edit)
     with pytest.raises(weights_io.WeightsError, match=r"three.safetensors: .*shape \(1, 7\).*3 names"):
         weights_io.load_weights(bad)
 
@@ -298,11 +302,10 @@ def test_outputs_must_match_class_names_and_weights_must_be_finite(weights_file,
 
 
 def test_absurd_model_kwargs_fail_on_shapes_without_allocating(weights_file, tmp_path):
-    bad = tmp_path / "huge.safetensors"
-    bad.write_bytes(weights_file.read_bytes())
-    meta = json.loads(weights_file.with_suffix(".json").read_text())
-    meta["model"]["kwargs"]["hidden_dim"] = 10**9  # an 18 TB first linear layer if built
-    bad.with_suffix(".json").write_text(json.dumps(meta))
+    def edit(meta):
+        meta["model"]["kwargs"]["hidden_dim"] = 10**9  # an 18 TB first linear layer if built
+
+    bad = _with_metadata(weights_file, tmp_path / "huge.safetensors", edit)
     with pytest.raises(weights_io.WeightsError, match="huge.safetensors: tensors do not match"):
         weights_io.load_weights(bad)
 
@@ -326,11 +329,10 @@ def test_a_checkpoint_or_onnx_file_given_as_weights_says_what_it_is(tmp_path, ca
 
 
 def test_std_zero_is_exit_1_not_nan_probabilities(weights_file, tmp_path, capsys):
-    bad = tmp_path / "std0.safetensors"
-    bad.write_bytes(weights_file.read_bytes())
-    meta = json.loads(weights_file.with_suffix(".json").read_text())
-    meta["normalization"]["std"] = 0
-    bad.with_suffix(".json").write_text(json.dumps(meta))
+    def edit(meta):
+        meta["normalization"]["std"] = 0
+
+    bad = _with_metadata(weights_file, tmp_path / "std0.safetensors", edit)
     photo = tmp_path / "p.png"
     cv2.imwrite(str(photo), photo_with_face())
     assert main(["predict", str(photo), "--weights", str(bad), "--json"]) == EXIT_ERROR
