@@ -142,10 +142,13 @@ def _trials(url_or_path, name):
 
 
 def _wait_for_running(url, name, timeout=90):
+    """The first running trial that has drawn its parameters (its worker is then training,
+    or sleeping in FER_LIB_SWEEP_TRIAL_SLEEP)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            running = [t for t in _trials(url, name) if t.state == optuna.trial.TrialState.RUNNING]
+            running = [t for t in _trials(url, name) if t.state == optuna.trial.TrialState.RUNNING
+                       and "worker" in t.user_attrs]
         except KeyError:  # the study is not created yet
             running = []
         if running:
