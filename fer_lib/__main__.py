@@ -7,6 +7,7 @@
     python -m fer_lib predict --video clip.avi --out clip_annotated.avi --weights m.safetensors
     python -m fer_lib predict --video 0 --json --max-frames 300      # webcam 0, JSON lines
     python -m fer_lib export-onnx --weights model.safetensors --out model.onnx
+    python -m fer_lib sweep exp4 --storage postgresql+psycopg://u:pw@host/db --study s --trials 40
 
 predict --json: one photo prints exactly the list of faces
     [{"box": [x, y, w, h], "label": "Happy", "probabilities": {"Angry": 0.01, ...}}, ...]
@@ -387,6 +388,14 @@ def _add_export_onnx(subparsers: Any) -> None:
     parser.set_defaults(func=_cmd_export_onnx)
 
 
+# --------------------------------------------------------------------------- sweep
+
+def _add_sweep(subparsers: Any) -> None:
+    from fer_lib.study import add_sweep_parser  # the command lives with its code
+
+    add_sweep_parser(subparsers)
+
+
 # --------------------------------------------------------------------------- entry point
 
 # Commands whose module parses its own arguments (`main(argv)`): the rest of the line goes there.
@@ -410,6 +419,7 @@ COMMANDS: list[Callable[[Any], None]] = [
     _add_delegated,
     _add_predict,
     _add_export_onnx,
+    _add_sweep,
 ]
 
 

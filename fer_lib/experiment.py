@@ -219,6 +219,12 @@ class ReportExperiment:
     after `plateau_patience` epochs), early stopping after `patience` epochs without a better
     PublicTest accuracy. `epochs` bounds every training here: sweep_epochs=None means
     min(report_sweep_epochs, epochs), so `-p epochs 1` really means one epoch everywhere.
+
+    sweep_storage / sweep_study: None runs the sweep in memory. A database URL or journal
+    file (fer_lib.study) makes it a shared Optuna study (named sweep_study, default `name`):
+    every notebook run or `python -m fer_lib sweep` worker with the same storage and study
+    adds trials until the study has sweep_count finished ones, and the final run trains the
+    best trial of the whole study.
     """
 
     name: str
@@ -242,6 +248,8 @@ class ReportExperiment:
     device: str = "auto"
     precision: str = "auto"
     max_steps_per_epoch: int | None = None
+    sweep_storage: Any = None
+    sweep_study: str | None = None
 
     def __post_init__(self) -> None:
         if self.sweep not in REPORT_SWEEPS:
@@ -292,6 +300,12 @@ class ReportExperiment:
                          "Training, trial 1 = the report's best run")
         else:
             lines.append("sweep skipped (sweep_count=0): the final run trains the report's best run")
+        if self.sweep_count and self.sweep_storage is not None:
+            from fer_lib.study import redact
+
+            lines.append(f"shared study '{self.sweep_study or self.name}' in "
+                         f"{redact(self.sweep_storage)}: {self.sweep_count} trials in total, "
+                         "from every run that joins it")
         if self.epochs < self.report_sweep_epochs:
             lines.append(f"note: {self.epochs} epochs is fewer than the report's "
                          f"{self.report_sweep_epochs}; expect a lower number than the report's")
@@ -307,19 +321,33 @@ class ReportExperiment:
         print(self.describe(), flush=True)
         return training_estimate(model, data.train, self.base, epochs=self.planned_epochs())
 
+    def sweep_trials(self, data: FER2013, *, run_dir: str | Path, wandb_mode: str | None = None,
+                     project: str | None = None) -> SweepResult:
+        """The sweep alone, trials in run_dir (run()'s first step; `python -m fer_lib sweep`
+        workers run only this). With sweep_storage the result is the whole shared study's."""
+        objective = sweep_objective(data, self.model, self.base, epochs=self.trial_epochs,
+                                    train_fraction=self.sweep_fraction)
+        shared = self.sweep_storage is not None
+        return run_sweep(self.sweep_config, objective, initial_params=self.report_best,
+                         count=self.sweep_count, project=project or self.project, mode=wandb_mode,
+                         run_dir=run_dir, seed=self.seed, storage=self.sweep_storage,
+                         study_name=self.sweep_study or (self.name if shared else None))
+
+    @property
+    def project(self) -> str:
+        """The W&B project of this notebook's runs: fer2013-04 for 04_cnn_augmentation_sweep."""
+        return f"fer2013-{self.name.split('_', 1)[0]}"
+
     def run(self, data: FER2013, *, run_dir: str | Path, wandb_mode: str | None = None,
             project: str | None = None, resume: bool = False) -> tuple[SweepResult | None, ExperimentResult]:
         """Sweep (unless sweep_count is 0), then the final run. Returns (SweepResult or None, result)."""
         run_dir = Path(run_dir)
-        project = project or f"fer2013-{self.name.split('_', 1)[0]}"
+        project = project or self.project
         sweep = None
         params = dict(self.report_best)
         if self.sweep_count:
-            objective = sweep_objective(data, self.model, self.base, epochs=self.trial_epochs,
-                                        train_fraction=self.sweep_fraction)
-            sweep = run_sweep(self.sweep_config, objective, initial_params=self.report_best,
-                              count=self.sweep_count, project=project, mode=wandb_mode,
-                              run_dir=run_dir / "sweep", seed=self.seed)
+            sweep = self.sweep_trials(data, run_dir=run_dir / "sweep", wandb_mode=wandb_mode,
+                                      project=project)
             params = dict(sweep.best_params)  # fer_lib.sweeps.show_sweep reports it
         config_updates, model_kwargs = split_params(params)
         config_updates.pop("epochs", None)  # the final run trains for base.epochs

@@ -42,6 +42,11 @@ Intermediate values reach it through the trial's tracker: every `tracker.log(...
 contains the sweep metric counts as one iteration (as W&B's hyperband counts logged values),
 or train_fn calls `tracker.report(step, value)` itself. When the pruner stops a trial these
 calls raise `optuna.TrialPruned`; train_fn should let it propagate (W&B kills the run instead).
+
+`run_sweep(..., storage=URL or journal file, study_name=...)` runs the Optuna sweep in a shared
+study instead of in memory: every process started with the same storage and study adds
+trials to it until it has `count` finished trials in total, and each gets the whole study's
+result (fer_lib.study: heartbeats, retries, the `sweep` command).
 """
 from __future__ import annotations
 
@@ -585,6 +590,8 @@ def run_sweep(
     tracker_factory: TrackerFactory | None = None,
     raise_on_error: bool = False,
     initial_params: Mapping[str, Any] | None = None,
+    storage: Any = None,
+    study_name: str | None = None,
 ) -> SweepResult:
     """Run a W&B sweep config: W&B's agent when online and logged in, else Optuna locally.
 
@@ -605,6 +612,12 @@ def run_sweep(
     learn; starting from the known one means the sweep can only improve on it (on the
     validation split). Optuna path only (random/bayes); W&B's agent cannot be seeded, so
     there it is ignored with a warning.
+    storage: None runs the study in memory. A database URL, a journal file path or an Optuna
+    storage (fer_lib.study.open_storage) holds a study shared by every process that passes
+    the same storage and study_name (required then; also the W&B group): `count` is the
+    study's total of finished trials, the initial params run once (by whoever created the
+    study), Optuna is used even when W&B is online, and the result (table, best params) is
+    the whole study's, all workers' trials included.
     """
     space = sweep_config_to_optuna(sweep_config, seed=seed)
     initial_raw = None
@@ -615,11 +628,13 @@ def run_sweep(
     folder = Path(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     resolved = tracking.resolve_mode(mode)
-    sweep_name = str(sweep_config.get("name") or
+    if storage is not None and not (study_name or sweep_config.get("name")):
+        raise ValueError("a sweep in a shared storage needs study_name (every worker joins it by name)")
+    sweep_name = str(study_name or sweep_config.get("name") or
                      f"{space.method}-sweep-{time.strftime('%Y%m%d-%H%M%S')}")
     n_trials = _trial_count(space, count, sweep_config.get("run_cap"))
 
-    if resolved == "online" and tracking.has_api_key() and tracker_factory is None:
+    if resolved == "online" and tracking.has_api_key() and tracker_factory is None and storage is None:
         if initial_raw is not None:
             warnings.warn("initial_params are not passed to W&B's sweep agent; its first trial "
                           "is sampled like the others", tracking.TrackingWarning, stacklevel=2)
@@ -632,10 +647,10 @@ def run_sweep(
         else:
             _save_result(result)
             return result
-    trial_mode = "offline" if resolved == "online" else resolved
+    trial_mode = "offline" if resolved == "online" and storage is None else resolved
     result = _run_with_optuna(space, train_fn, n_trials, project, trial_mode, folder, sweep_name,
                               progress, tracker_factory or _default_tracker_factory,
-                              raise_on_error, initial_raw)
+                              raise_on_error, initial_raw, storage=storage, seed=seed)
     _save_result(result)
     return result
 
@@ -672,10 +687,18 @@ def _run_with_optuna(
     tracker_factory: TrackerFactory,
     raise_on_error: bool,
     initial_raw: dict[str, Any] | None = None,
+    storage: Any = None,
+    seed: int = 0,
 ) -> SweepResult:
     import optuna
 
+    from fer_lib import study as shared
     from fer_lib.device import progress_mode
+
+    storage = shared.open_storage(storage)
+    if storage is not None:
+        train_fn = shared.with_test_delay(train_fn)
+    worker = shared.worker_id()
 
     metric_name = space.metric_name
     rows: list[dict[str, Any]] = []
@@ -691,6 +714,9 @@ def _run_with_optuna(
         trial_dir = folder / f"trial-{number:03d}"
         nested_params[number] = params
         row: dict[str, Any] = {"trial": number, "name": trial_name, **flat, metric_name: None}
+        # on the trial too: a shared study's table is built from its trials, not from rows
+        trial.set_user_attr("worker", worker)
+        trial.set_user_attr("run_dir", str(trial_dir))
         tracker = tracker_factory(project, params, mode=trial_mode, run_dir=trial_dir,
                                   name=trial_name, group=sweep_name, job_type=TRIAL_JOB_TYPE,
                                   tags=["sweep", space.method])
@@ -706,6 +732,7 @@ def _run_with_optuna(
         except Exception as error:
             row.update(state="failed", error=f"{type(error).__name__}: {error}")
             errors.append(error)
+            trial.set_user_attr("error", row["error"][:2000])
             tracker.log_summary({"sweep_state": "failed"})
             tracker.finish(exit_code=1)
             if raise_on_error:
@@ -724,13 +751,17 @@ def _run_with_optuna(
             raise ValueError(f"train_fn must return a dict containing the sweep metric "
                              f"{metric_name!r}; got {got}")
         value = _metric_value(metrics, metric_name)
-        _result_columns(row, metrics, reserved)
+        extra: dict[str, Any] = {}
+        _result_columns(extra, metrics, reserved)
+        row.update(extra)
+        trial.set_user_attr("metrics", extra)
         row[metric_name] = value
         tracker.log_summary({**{k: v for k, v in metrics.items() if tracking.scalar(v) is not None},
                              "sweep_state": "complete" if math.isfinite(value) else "failed"})
         tracker.finish()
         if not math.isfinite(value):
             row.update(state="failed", error=f"{metric_name} is {value}")
+            trial.set_user_attr("error", row["error"])
             warnings.warn(f"sweep trial {trial_name}: {metric_name} is {value}; recorded as failed",
                           stacklevel=2)
             raise _TrialFailed(f"{metric_name} is {value}")
@@ -754,24 +785,34 @@ def _run_with_optuna(
             if best is not None:
                 bar.set_postfix({metric_name: f"{best:.4g}"})
         elif mode == "plain":
-            state = rows[-1].get("state", "?") if rows else "?"
+            state = (rows[-1].get("state", "?") if rows and rows[-1]["trial"] == frozen.number
+                     else frozen.state.name.lower())
             shown = f", best {metric_name} {best:.4g}" if best is not None else ""
             print(f"{sweep_name}: trial {frozen.number + 1}/{n_trials} {state}{shown}", flush=True)
 
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own warnings report failures
     try:
-        study = optuna.create_study(direction=space.goal, sampler=space.sampler,
-                                    pruner=space.pruner or optuna.pruners.NopPruner(),
-                                    study_name=sweep_name)
-        if initial_raw:
-            study.enqueue_trial(initial_raw)
-        study.optimize(objective, n_trials=n_trials, catch=(_TrialFailed,),
-                       callbacks=[on_trial_end])
+        if storage is None:
+            study = optuna.create_study(direction=space.goal, sampler=space.sampler,
+                                        pruner=space.pruner or optuna.pruners.NopPruner(),
+                                        study_name=sweep_name)
+            if initial_raw:
+                study.enqueue_trial(initial_raw)
+            study.optimize(objective, n_trials=n_trials, catch=(_TrialFailed,),
+                           callbacks=[on_trial_end])
+        else:
+            study = shared.open_study(space, storage, sweep_name, seed=seed,
+                                      initial_params=initial_raw)
+            shared.optimize_shared(study, objective, n_trials,
+                                   heartbeat_s=shared.heartbeat_interval(storage),
+                                   catch=(_TrialFailed,), callbacks=[on_trial_end])
     finally:
         optuna.logging.set_verbosity(verbosity)
         if bar is not None:
             bar.close()
+    if storage is not None:  # every worker's trials, not only this process's
+        rows, nested_params = shared.study_rows(study, space)
     return _build_result(rows, nested_params, space, sweep_name, folder, "optuna", errors,
                          study=study)
 
