@@ -45,7 +45,10 @@ _WINDOWS_DEVICE_NAMES = frozenset(["CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i
 
 
 class WriteError(OSError):
-    """A file could not be written; the message names the file and the cause."""
+    """A file could not be written; the message names the file and the cause (errno is kept)."""
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28] " prefix
+        return self.strerror or super().__str__()
 
 
 def _umask() -> int:
@@ -133,9 +136,28 @@ def atomic_path(path: str | os.PathLike, *, keep_suffix: bool = False) -> Iterat
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise WriteError(exc.errno, _describe(exc, target)) from exc
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        # Writers in C++ (torch.save's zip writer) report a full disk as their own error, e.g.
+        # RuntimeError "unexpected pos ...", with the OSError only in the exception chain.
+        cause = _os_error_in_chain(exc)
+        if cause is None:
+            raise
+        raise WriteError(cause.errno, _describe(cause, target)) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _os_error_in_chain(error: BaseException) -> OSError | None:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def safe_filename(name: str) -> str:

@@ -137,3 +137,24 @@ def test_keep_suffix_temporaries_end_in_the_suffix_and_stale_ones_are_removed(tm
         tmp.write_bytes(b"video")
     assert target.read_bytes() == b"video" and not stale.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.avi"]
+
+
+def test_a_full_disk_inside_torch_save_is_one_write_error_naming_the_checkpoint(tmp_path, monkeypatch):
+    from fer_lib import checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    path = checkpoint.save_checkpoint(tmp_path / "last.pt", model, epoch=1)
+    before = path.read_bytes()
+
+    def full_disk_save(obj, handle):
+        # what torch.save's C++ zip writer raises when the disk fills: ENOSPC only in the chain
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0") from None
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk_save)
+    with pytest.raises(fileio.WriteError) as info:
+        checkpoint.save_checkpoint(path, model, epoch=2)
+    assert str(info.value) == f"cannot write {path}: no space left on the device"
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
