@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 __all__ = ["run_bench", "compare_precision", "seed_style_curve", "seed_style_train", "SeedStyleRun",
-           "forward_flops", "training_flops_per_image", "matmul_peak", "peak_fraction", "peak_table", "main"]
+           "training_flops_per_image", "matmul_peak", "peak_fraction", "peak_table", "main"]
 
 
 class _SeedStyleDataset(torch.utils.data.Dataset):
@@ -383,31 +383,12 @@ def run_bench(model: str = "exp3_cnn", *, seconds: float = 20.0, batch_size: int
     return result
 
 
-def forward_flops(model: nn.Module, input_size: int = 48, in_chans: int = 1) -> int:
-    """FLOPs of one forward pass of `model` on a (1, in_chans, size, size) input.
-
-    Counted by torch.utils.flop_counter.FlopCounterMode (torch >= 2.1): matmuls and
-    convolutions at 2 FLOPs per multiply-accumulate; BatchNorm, activations and pooling are
-    not counted (memory-bound, a few percent of the arithmetic). Eval mode, no grad: the
-    count does not depend on the mode, and BatchNorm1d cannot run a batch of one in training.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(torch.zeros(1, in_chans, input_size, input_size, device=device))
-    finally:
-        model.train(was_training)
-    return int(counter.get_total_flops())
-
-
 def training_flops_per_image(model: nn.Module, input_size: int = 48, in_chans: int = 1) -> int:
     """3 x forward FLOPs: the backward pass costs about twice the forward (gradients with
     respect to inputs and to weights). A slight over-count: the first layer needs no input
     gradient."""
+    from fer_lib.model_table import forward_flops
+
     return 3 * forward_flops(model, input_size, in_chans)
 
 

@@ -17,38 +17,30 @@ from torch import nn
 from fer_lib.models import create_model, list_models, model_info
 
 
-def count_macs(model: nn.Module, input_size: int = 48, in_chans: int = 1) -> int:
-    """Multiply-accumulates of the Conv2d and Linear layers for one (in_chans, size, size) image."""
-    total = 0
+def forward_flops(model: nn.Module, input_size: int = 48, in_chans: int = 1) -> int:
+    """FLOPs of one forward pass of `model` on a (1, in_chans, size, size) input.
 
-    def conv_hook(module: nn.Conv2d, inputs: tuple[torch.Tensor, ...],
-                  output: torch.Tensor) -> None:
-        nonlocal total
-        kernel_h, kernel_w = module.kernel_size
-        per_output = (module.in_channels // module.groups) * kernel_h * kernel_w
-        total += output.numel() // output.shape[0] * per_output
+    Counted by torch.utils.flop_counter.FlopCounterMode (torch >= 2.1): matmuls and
+    convolutions at 2 FLOPs per multiply-accumulate; BatchNorm, activations and pooling are
+    not counted (memory-bound, a few percent of the arithmetic). Eval mode, no grad: the
+    count does not depend on the mode, and BatchNorm1d cannot run a batch of one in training.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def linear_hook(module: nn.Linear, inputs: tuple[torch.Tensor, ...],
-                    output: torch.Tensor) -> None:
-        nonlocal total
-        total += output.numel() // output.shape[0] * module.in_features
-
-    handles = []
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            handles.append(module.register_forward_hook(conv_hook))
-        elif isinstance(module, nn.Linear):
-            handles.append(module.register_forward_hook(linear_hook))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
+    model.eval()
     try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, in_chans, input_size, input_size))
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(torch.zeros(1, in_chans, input_size, input_size, device=device))
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
-    return total
+    return int(counter.get_total_flops())
+
+
+def count_macs(model: nn.Module, input_size: int = 48, in_chans: int = 1) -> int:
+    """Multiply-accumulates of one (in_chans, size, size) image: half of `forward_flops`."""
+    return forward_flops(model, input_size, in_chans) // 2
 
 
 def model_table(names: list[str] | None = None) -> pd.DataFrame:
