@@ -26,6 +26,18 @@ def conv_bn_act(in_channels: int, out_channels: int, activation: ActivationFacto
     )
 
 
+def conv_pool_stack(in_chans: int, widths: tuple[int, ...]) -> tuple[nn.Sequential, int]:
+    """(conv3x3 (no bias) -> BN -> ReLU -> maxpool2) per width, flat in one Sequential (so the
+    weight names are features.<i>.*); returns the stack and its output channels."""
+    layers: list[nn.Module] = []
+    channels = in_chans
+    for width in widths:
+        layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False),
+                   nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2)]
+        channels = width
+    return nn.Sequential(*layers), channels
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block: conv3x3-BN-act-(dropout)-conv3x3-BN, plus shortcut, then act.
 

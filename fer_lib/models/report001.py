@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fer_lib.models.blocks import BasicBlock, linear_bn_act
+from fer_lib.models.blocks import BasicBlock, conv_pool_stack, linear_bn_act
 from fer_lib.models.registry import register_model
 
 SOURCE = "report-001"
@@ -16,13 +16,7 @@ class CNN4(nn.Module):
     def __init__(self, in_chans: int, num_classes: int, widths: tuple[int, ...],
                  hidden_dim: int, dropout_rate: float) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        channels = in_chans
-        for width in widths:
-            layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False),
-                       nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2)]
-            channels = width
-        self.features = nn.Sequential(*layers)
+        self.features, channels = conv_pool_stack(in_chans, widths)
         side = 48 // 2 ** len(widths)
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(channels * side * side, hidden_dim), nn.ReLU(),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fer_lib.models.blocks import init_resnet_weights, make_stage, residual_trunk
+from fer_lib.models.blocks import conv_pool_stack, init_resnet_weights, make_stage, residual_trunk
 from fer_lib.models.registry import register_model
 
 SOURCE = "report-003"
@@ -44,13 +44,7 @@ class SmallCNN(nn.Module):
     def __init__(self, in_chans: int, widths: tuple[int, ...], hidden_dim: int,
                  dropout_rate: float, num_classes: int, input_size: int = 48) -> None:
         super().__init__()
-        blocks: list[nn.Module] = []
-        channels = in_chans
-        for width in widths:
-            blocks += [nn.Conv2d(channels, width, 3, padding=1, bias=False),
-                       nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2)]
-            channels = width
-        self.features = nn.Sequential(*blocks)
+        self.features, channels = conv_pool_stack(in_chans, widths)
         side = input_size // 2 ** len(widths)
         self.classifier = nn.Sequential(
             nn.Flatten(),
