@@ -180,22 +180,20 @@ class _Tee:
             stream.flush()
 
 
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
 def _step_tests(budget: float, dry_run: bool) -> StepResult:
+    from fer_lib.results import checkout_root
+
     step = StepResult("tests")
-    test_file = _repo_root() / "tests" / "test_cuda.py"
-    if not test_file.is_file():
+    root = checkout_root()
+    test_file = root / "tests" / "test_cuda.py" if root is not None else None
+    if test_file is None or not test_file.is_file():
         step.note = "no tests/test_cuda.py beside the package (an installed copy?)"
         return step
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(_repo_root()),
-                                                                    os.environ.get("PYTHONPATH")])))
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file.relative_to(_repo_root()))]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file.relative_to(root))]
     print("$ " + " ".join(command[1:]), flush=True)
     try:
-        done = subprocess.run(command, cwd=_repo_root(), env=env, capture_output=True, text=True, timeout=budget)
+        done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=budget)
     except subprocess.TimeoutExpired as timeout:
         output = timeout.stdout or b""
         print(output.decode(errors="replace") if isinstance(output, bytes) else output, flush=True)
