@@ -402,6 +402,7 @@ def _add_sweep(subparsers: Any) -> None:
 DELEGATED: dict[str, tuple[str, str]] = {
     "series": ("fer_lib.series", "run the notebook series headless (papermill)"),
     "reproduce": ("fer_lib.recipes", "train a recipe for N seeds, print mean +- std"),
+    "ablate": ("fer_lib.ablation", "each idea alone on a recipe and budget, against the recipe"),
     "bench": ("fer_lib.bench", "throughput: seed-style pipeline vs engine vs bare step"),
     "model-table": ("fer_lib.model_table", "parameters and MFLOPs of every model"),
     "gpu-run": ("fer_lib.gpu_run", "one budgeted GPU session: CUDA tests, bench, recipes (--pack, --dry-run)"),

@@ -216,7 +216,7 @@ def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
     the next epoch would pass the budget; both leave a note in summary["skipped"] (a stopped
     run's time-to-accuracy so far included) and count in no mean. resume: continue each seed
     from its run folder's last checkpoint (a resumed run's time-to-accuracy covers only the
-    epochs trained in this call).
+    epochs trained in this call; a seed without a last checkpoint starts afresh).
     """
     import pandas as pd
 
@@ -238,8 +238,10 @@ def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
                            precision=config.precision, deadline=deadline)
         started = time.perf_counter()
         try:
-            result = train_recipe(name, data, run_dir=Path(out_dir) / f"seed{seed}", seed=seed,
-                                  wandb_mode=wandb_mode, resume=resume, on_epoch_end=probe, **overrides)
+            run_dir = Path(out_dir) / f"seed{seed}"
+            result = train_recipe(name, data, run_dir=run_dir, seed=seed, wandb_mode=wandb_mode,
+                                  resume=resume and (run_dir / "last.pt").exists(),
+                                  on_epoch_end=probe, **overrides)
         except BudgetExceeded as stop:
             reached = ", ".join(f"{t:g}% at {probe.time_to(t)[0]:.0f} s" for t in THRESHOLDS
                                 if not math.isnan(probe.time_to(t)[0]))
@@ -356,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-seconds", type=float, default=None,
                         help="time budget for all seeds: later seeds are skipped, a run is stopped "
                              "between epochs, each with a note")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue each seed from its run folder's last checkpoint (seeds "
+                             "without one start afresh)")
     parser.add_argument("--out", default="runs/reproduce")
     parser.add_argument("--wandb-mode", default=None, choices=["online", "offline", "disabled"])
     args = parser.parse_args(argv)
@@ -370,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides["max_steps_per_epoch"] = args.max_steps_per_epoch
     out = Path(args.out) / f"{args.recipe}-{args.labels}"
     run = reproduce(args.recipe, args.seeds, data, out_dir=out, wandb_mode=args.wandb_mode,
-                    budget_seconds=args.budget_seconds, **overrides)
+                    budget_seconds=args.budget_seconds, resume=args.resume, **overrides)
     table, summary = run.table, run.summary
     report = summary_markdown(table, summary, args.labels)
     print("\n" + report, end="")

@@ -100,6 +100,15 @@ class TrainConfig:
     # so add {"name": "FlaggedBrightness"} to `augment` to jitter the copies as the reports did
     upsample: bool = False
     augment: Any = "none"  # preset name or spec for fer_lib.augment.build_augment
+    # progressive resizing: epochs 1..augment_early_epochs use augment_early instead (e.g. a
+    # 40x40 random crop: the net trains on smaller maps early, fernet's global pool takes any size)
+    augment_early: Any = None
+    augment_early_epochs: int = 0
+    # airbench's alternating flip: each training image gets a fixed random bit (from seed) and
+    # is mirrored in the epochs where epoch parity matches it, so every image is seen both
+    # ways in every two epochs (leave RandomHorizontalFlip out of `augment` with this)
+    alternating_flip: bool = False
+    mixup_alpha: float = 0.0  # > 0: mix batches with lambda ~ Beta(alpha, alpha)
     device: str = "auto"
     precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
     channels_last: Any = "auto"
@@ -123,11 +132,17 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"TrainConfig needs epochs >= 1 and batch_size >= 1, got {self.epochs}, {self.batch_size}")
+        if self.mixup_alpha < 0 or self.augment_early_epochs < 0:
+            raise ValueError("TrainConfig.mixup_alpha and augment_early_epochs must be >= 0, got "
+                             f"{self.mixup_alpha}, {self.augment_early_epochs}")
+        if self.augment_early_epochs and self.augment_early is None:
+            raise ValueError("TrainConfig.augment_early_epochs needs augment_early (the early epochs' augment)")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if isinstance(self.augment, nn.Module):
-            d["augment"] = repr(self.augment)
+        for key in ("augment", "augment_early"):
+            if isinstance(getattr(self, key), nn.Module):
+                d[key] = repr(getattr(self, key))
         return to_plain(d)
 
     @classmethod
@@ -338,6 +353,9 @@ class Engine:
         weight = class_weight.to(setup.device) if class_weight is not None else None
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
         self.augment = build_augment(config.augment).to(setup.device)
+        self.augment_early = (build_augment(config.augment_early).to(setup.device)
+                              if config.augment_early_epochs else None)
+        self.flip_bits: Tensor | None = None  # alternating_flip: one bit per training image
         self.ema = ModelEma(self.model, config.ema_decay) if config.ema_decay else None
         self.scaler = torch.amp.GradScaler(setup.device.type) if setup.needs_grad_scaler else None
         # on CPU reading a scalar costs nothing (no queue to drain); on CUDA it stalls the GPU
@@ -379,6 +397,13 @@ class Engine:
                 part.load_state_dict(saved)
         _set_rng_state(state["rng"], self.setup.device)
 
+    def flip_mask(self, n: int, epoch: int) -> Tensor:
+        """alternating_flip: which of the n training images are mirrored in this epoch."""
+        if self.flip_bits is None or self.flip_bits.numel() != n:
+            bits = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(self.config.seed))
+            self.flip_bits = bits.bool().to(self.setup.device)
+        return self.flip_bits ^ bool(epoch % 2)
+
     def train_epoch(self, epoch: int, images: Tensor, labels: Tensor, flags: Tensor | None, order: Tensor,
                     generator: torch.Generator | None, max_steps: int | None = None,
                     progress: EpochProgress | None = None) -> dict[str, float]:
@@ -391,7 +416,10 @@ class Engine:
         correct = torch.zeros((), device=device, dtype=torch.int64)
         first_bad = torch.full((), -1, device=device, dtype=torch.int64)
         seen = reported = 0
-        augment = None if self.augment.is_identity else self.augment
+        augment = self.augment_early if epoch <= self.config.augment_early_epochs else self.augment
+        augment = None if augment.is_identity else augment
+        flip_mask = self.flip_mask(images.shape[0], epoch) if self.config.alternating_flip else None
+        mixup = self.config.mixup_alpha
         memory_format = setup.memory_format()
         clip = self.config.grad_clip
         start = time.perf_counter()
@@ -399,12 +427,19 @@ class Engine:
             idx = order[step * batch_size:(step + 1) * batch_size]
             yb = labels.index_select(0, idx)
             x = to_float(images.index_select(0, idx))
+            if flip_mask is not None:
+                x = torch.where(flip_mask.index_select(0, idx)[:, None, None, None], x.flip(-1), x)
             if augment is not None:
                 x = augment(x, needs_aug=None if flags is None else flags.index_select(0, idx), generator=generator)
+            if mixup:
+                lam, partner = _mixup_draw(mixup, idx.numel(), generator, device)
+                x = lam * x + (1 - lam) * x.index_select(0, partner)
             x = x.contiguous(memory_format=memory_format)
             with setup.autocast():
                 logits = self.forward_model(x)
             loss = self.criterion(logits.float(), yb)
+            if mixup:
+                loss = lam * loss + (1 - lam) * self.criterion(logits.float(), yb.index_select(0, partner))
             if self.sync_every == 1 and not math.isfinite(loss.item()):
                 raise NonFiniteLossError(
                     f"training loss is {loss.item()} at epoch {epoch}, step {step + 1} of {steps}; "
@@ -448,6 +483,16 @@ class Engine:
             "images": seen,
             "seconds": seconds,
         }
+
+
+def _mixup_draw(alpha: float, batch: int, generator: torch.Generator | None,
+                device: torch.device) -> tuple[float, Tensor]:
+    """mixup's lambda ~ Beta(alpha, alpha) and partner permutation, both from `generator`."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    draw = int(torch.randint(2**31, (1,), generator=generator, device=gen_device))
+    lam = float(np.random.default_rng(draw).beta(alpha, alpha))
+    partner = torch.randperm(batch, generator=generator, device=gen_device).to(device)
+    return lam, partner
 
 
 def _metrics(logits: Tensor, labels: Tensor) -> dict[str, Any]:
@@ -508,7 +553,8 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 _RESUME_FIELDS = ("batch_size", "lr", "optimizer", "weight_decay", "scheduler", "augment", "seed", "label_smoothing",
-                  "ema_decay", "upsample", "weighted_sampling", "class_weights", "max_steps_per_epoch")
+                  "ema_decay", "upsample", "weighted_sampling", "class_weights", "max_steps_per_epoch",
+                  "augment_early", "augment_early_epochs", "alternating_flip", "mixup_alpha")
 
 
 def summary_line(row: dict[str, float], epochs: int) -> str:

@@ -12,6 +12,7 @@ autocast path; nothing uses .view or in-place ops on views.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fer_lib.models.registry import register_model
@@ -127,3 +128,56 @@ def fernet_large(num_classes: int = 7, in_chans: int = 1, *,
     """
     return _fernet(num_classes, in_chans, widths, stem_width, convs_per_stage, pool,
                    dropout_rate, logit_scale)
+
+
+# --------------------------------------------------------------------------------------
+# Initialisations from the fast CIFAR-10 trainers, measured one by one in docs/ablations.md
+
+
+@torch.no_grad()
+def whiten_stem_(model: FerNet, images_uint8: torch.Tensor, *, eps: float = 5e-4, sample: int = 5000,
+                 freeze: bool = True) -> FerNet:
+    """Patch-whitening stem (airbench): the stem conv's filters become the whitening basis of
+    3x3 training patches, each eigenvector scaled by 1/sqrt(eigenvalue + eps) and used with
+    both signs (GELU keeps only one half of each). The top min(stem_width, 2*9) / 2 directions
+    by variance are used; further filters keep their random weights. freeze: the stem conv
+    weight is not trained. images_uint8: training faces (N, 48, 48) or (N, 1, 48, 48).
+    """
+    from fer_lib.augment import to_float
+
+    conv = model.stem[0]
+    if conv.kernel_size != (3, 3) or conv.in_channels != 1:
+        raise ValueError("whiten_stem_ needs fernet's 3x3 single-channel stem conv")
+    images = torch.as_tensor(images_uint8[:sample])
+    x = to_float(images.reshape(len(images), 1, *images.shape[-2:]))
+    patches = F.unfold(x, 3).transpose(1, 2).reshape(-1, 9).double()
+    eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(patches.T))  # ascending
+    order = eigenvalues.argsort(descending=True)
+    pairs = min(conv.out_channels // 2, 9)
+    basis = (eigenvectors[:, order[:pairs]] / (eigenvalues[order[:pairs]] + eps).sqrt()).T  # (pairs, 9)
+    filters = torch.cat([basis, -basis]).reshape(2 * pairs, 1, 3, 3)
+    conv.weight[:2 * pairs] = filters.to(conv.weight.dtype)
+    conv.weight.requires_grad_(not freeze)
+    return model
+
+
+@torch.no_grad()
+def identity_init_(model: nn.Module) -> nn.Module:
+    """Identity-initialise every 3x3 conv after the stem (hlb-CIFAR10/airbench): the first
+    in_channels filters of a conv with out >= in start as the Dirac identity, the rest keep
+    their random weights, so each stage starts close to passing its input through."""
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.Conv2d) and not name.startswith("stem")
+                and module.kernel_size == (3, 3) and module.out_channels >= module.in_channels):
+            nn.init.dirac_(module.weight[:module.in_channels])
+    return model
+
+
+def freeze_bn_scales_(model: nn.Module) -> nn.Module:
+    """BatchNorm scales fixed at 1 (not trained), biases still learned (airbench)."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d) and module.weight is not None:
+            with torch.no_grad():
+                module.weight.fill_(1.0)
+            module.weight.requires_grad_(False)
+    return model

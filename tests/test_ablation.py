@@ -1,0 +1,189 @@
+"""The ablation ideas do what they claim, and the ablation table compares with base fairly."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fer_lib.ablation import ABLATIONS, PREPARATIONS, ablation_table, get_ablation, main, run_ablation
+from fer_lib.data import equalize_histogram
+from fer_lib.models import create_model
+from fer_lib.models.fernet import freeze_bn_scales_, identity_init_, whiten_stem_
+from fer_lib.training import Engine, TrainConfig, fit
+
+
+def test_equalize_histogram_matches_opencv_and_leaves_constant_faces_alone():
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(0)
+    faces = rng.integers(40, 140, size=(6, 48, 48), dtype=np.uint8)
+    faces[1] = rng.integers(0, 256, size=(48, 48), dtype=np.uint8)
+    faces[2] = 77  # constant
+    ours = equalize_histogram(faces)
+    for face, mine in zip(faces[[0, 1, 3, 4, 5]], ours[[0, 1, 3, 4, 5]]):
+        np.testing.assert_array_equal(mine, cv2.equalizeHist(face))
+    np.testing.assert_array_equal(ours[2], faces[2])
+    assert ours[0].min() == 0 and ours[0].max() == 255
+    with pytest.raises(ValueError, match="uint8"):
+        equalize_histogram(faces.astype(np.float32))
+
+
+def test_whitened_stem_decorrelates_training_patches_and_is_frozen():
+    from fer_lib.augment import to_float
+
+    rng = np.random.default_rng(1)
+    # smooth faces: neighbouring pixels strongly correlated, as in real photos
+    base = rng.integers(0, 256, size=(64, 12, 12)).astype(np.float32)
+    images = torch.nn.functional.interpolate(torch.from_numpy(base)[:, None], size=48, mode="bilinear")
+    images = images[:, 0].clamp(0, 255).to(torch.uint8)
+    model = whiten_stem_(create_model("fernet_small"), images, eps=1e-8)
+    conv = model.stem[0]
+    assert not conv.weight.requires_grad
+    pairs = conv.out_channels // 2
+    np.testing.assert_allclose(conv.weight[:pairs].detach(), -conv.weight[pairs:2 * pairs].detach())
+    x = to_float(images[:, None])
+    with torch.no_grad():
+        out = nn.functional.conv2d(x, conv.weight[:pairs], padding=0)  # valid patches only
+    features = out.permute(0, 2, 3, 1).reshape(-1, pairs).double()
+    cov = torch.cov(features.T)
+    np.testing.assert_allclose(cov.numpy(), np.eye(pairs), atol=1e-3)
+    # the frozen weight is left out of training
+    optimizer_params = [p for p in model.parameters() if p.requires_grad]
+    assert all(p is not conv.weight for p in optimizer_params)
+
+
+def test_identity_init_passes_the_input_through_and_keeps_the_stem_random():
+    torch.manual_seed(0)
+    model = create_model("fernet_small")
+    stem_before = model.stem[0].weight.detach().clone()
+    identity_init_(model)
+    torch.testing.assert_close(model.stem[0].weight, stem_before)
+    square = model.stages[1].layers[4]  # stage 2's second conv: 64 -> 64
+    assert isinstance(square, nn.Conv2d) and square.in_channels == square.out_channels
+    x = torch.randn(2, square.in_channels, 6, 6)
+    torch.testing.assert_close(square(x), x)
+    widening = model.stages[1].layers[0]  # 32 -> 64: the first 32 outputs copy the input
+    out = widening(torch.randn(2, 32, 6, 6).requires_grad_(False))
+    assert out.shape[1] == 64
+    x = torch.randn(2, 32, 6, 6)
+    torch.testing.assert_close(widening(x)[:, :32], x)
+
+
+@pytest.fixture
+def data(tmp_path, monkeypatch):
+    from fer_lib.data import load_fer2013
+    from fer_lib.synthetic import write_fer2013_csv
+
+    monkeypatch.setenv("FER_LIB_CACHE", str(tmp_path / "cache"))
+    csv = tmp_path / "fer2013.csv"
+    write_fer2013_csv(csv, n_per_split=(96, 32, 32), seed=0)
+    return load_fer2013(csv)
+
+
+def test_frozen_bn_scales_stay_one_while_biases_learn(data):
+    model = freeze_bn_scales_(create_model("fernet_small"))
+    bias_before = model.stem[1].bias.detach().clone()
+    config = TrainConfig(epochs=1, batch_size=32, lr=0.05, optimizer="sgd", progress=False,
+                         checkpoint_every_epoch=False, precision="fp32")
+    fitted = fit(model, data.train, data.val, config)
+    for module in fitted.model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            assert torch.all(module.weight == 1) and not module.weight.requires_grad
+    assert not torch.equal(fitted.model.stem[1].bias.detach(), bias_before)
+
+
+def test_alternating_flip_mirrors_each_image_in_exactly_one_of_two_epochs():
+    from fer_lib.device import resolve_device
+
+    config = TrainConfig(alternating_flip=True, seed=3, progress=False)
+    engine = Engine(create_model("fernet_small"), config, resolve_device("cpu", "fp32", False), 4)
+    odd, even = engine.flip_mask(1000, 1), engine.flip_mask(1000, 2)
+    assert torch.all(odd ^ even)  # every image flipped in one of the two
+    assert 400 < int(odd.sum()) < 600  # about half each epoch
+    assert torch.equal(engine.flip_mask(1000, 3), odd)  # the pattern repeats, from the seed alone
+    other = Engine(create_model("fernet_small"), TrainConfig(alternating_flip=True, seed=4),
+                   resolve_device("cpu", "fp32", False), 4)
+    assert not torch.equal(other.flip_mask(1000, 1), odd)
+
+
+@pytest.mark.parametrize("change", [{"mixup_alpha": 0.4}, {"alternating_flip": True},
+                                    {"augment_early": [("RandomCrop", {"size": 40})], "augment_early_epochs": 1}])
+def test_training_options_change_training_and_are_deterministic(change, data):
+    base = TrainConfig(epochs=2, batch_size=32, lr=0.05, optimizer="sgd", progress=False,
+                       checkpoint_every_epoch=False, precision="fp32", augment="fast", seed=0)
+
+    def train(config):
+        torch.manual_seed(0)
+        return fit(create_model("fernet_small"), data.train, data.val, config).history[-1]["train_loss"]
+
+    changed = TrainConfig(**{**base.__dict__, **change})
+    assert train(changed) == train(changed)  # reproducible from the seed
+    assert train(changed) != train(base)  # and it does change what is trained
+
+
+def test_training_option_errors_say_what_is_missing():
+    with pytest.raises(ValueError, match="augment_early"):
+        TrainConfig(augment_early_epochs=2)
+    with pytest.raises(ValueError, match="mixup_alpha"):
+        TrainConfig(mixup_alpha=-1)
+
+
+def test_every_ablation_is_one_known_change():
+    names = [a.name for a in ABLATIONS]
+    assert names[0] == "base" and len(set(names)) == len(names)
+    for ablation in ABLATIONS:
+        early = {"augment_early_epochs": 1} if "augment_early" in ablation.config else {}
+        TrainConfig(**{**ablation.config, **early})  # every override is a valid TrainConfig field
+        assert ablation.prepare is None or ablation.prepare in PREPARATIONS
+        if ablation.tta_only:  # its trained variant comes earlier, so one call can run both
+            assert names.index(ablation.tta_only) < names.index(ablation.name)
+            assert not ablation.config and not ablation.prepare
+    with pytest.raises(ValueError, match="base"):
+        get_ablation("nope")
+
+
+def test_table_compares_each_variant_with_base_on_the_seeds_both_ran():
+    runs = [
+        {"variant": "base", "seed": 0, "val_accuracy": 60.0, "test_accuracy": 61.0, "wall_seconds": 100},
+        {"variant": "base", "seed": 1, "val_accuracy": 62.0, "test_accuracy": 63.0, "wall_seconds": 110},
+        {"variant": "crop40", "seed": 1, "val_accuracy": 63.5, "test_accuracy": 62.0, "wall_seconds": 70},
+    ]
+    table = ablation_table(runs).set_index("variant")
+    assert table.loc["base", "PublicTest"] == 61.0 and table.loc["base", "dPublic"] == 0
+    # crop40 ran seed 1 only: compared with base's seed 1 (62.0), not base's mean (61.0)
+    assert table.loc["crop40", "dPublic"] == pytest.approx(1.5)
+    assert table.loc["crop40", "dPrivate"] == pytest.approx(-1.0)
+    assert table.loc["crop40", "seeds"] == 1 and table.loc["crop40", "wall_s"] == 70
+
+
+def test_tta_only_variant_reevaluates_the_trained_models(data):
+    trained = {}
+    fast = {"max_steps_per_epoch": 2, "precision": "fp32"}
+    row = run_ablation(get_ablation("crop40"), data, epochs=1, trained=trained, **fast)
+    assert ("crop40", 0) in trained and row["variant"] == "crop40"
+    again = run_ablation(get_ablation("crop40_tencrop"), data, epochs=1, trained=trained, **fast)
+    assert again["best_epoch"] == row["best_epoch"]
+    # the re-evaluation's wall time counts the training it reuses
+    assert again["wall_seconds"] >= trained[("crop40", 0)][1] > 0
+    with pytest.raises(ValueError, match="run that variant first"):
+        run_ablation(get_ablation("flip_translate_tta"), data, epochs=1, trained=trained, **fast)
+
+
+def test_command_writes_the_table_and_resumes(tmp_path, capsys, monkeypatch):
+    from fer_lib.synthetic import write_fer2013_csv
+
+    monkeypatch.setenv("FER_LIB_CACHE", str(tmp_path / "cache"))
+    csv = tmp_path / "fer2013.csv"
+    write_fer2013_csv(csv, n_per_split=(64, 32, 32), seed=0)
+    args = ["--data", str(csv), "--epochs", "1", "--max-steps-per-epoch", "1", "--out", str(tmp_path / "abl"),
+            "--only", "base", "hist_eq"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| base " in printed and "| hist_eq " in printed and "dPublic" in printed
+    record = json.loads((tmp_path / "abl" / "fast_cpu-1ep" / "ablation.json").read_text())
+    assert [r["variant"] for r in record["runs"]] == ["base", "hist_eq"]
+    assert main(args + ["--resume"]) == 0  # nothing left to run
+    assert "ablation base seed 0" not in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--only", "crop40_tencrop", "--data", str(csv)])
+    assert exit_info.value.code == 2
