@@ -93,6 +93,8 @@ ABLATIONS: tuple[Ablation, ...] = (
              tta="tencrop", crop_size=40, tta_only="crop40"),
     Ablation("progressive_40_48", "progressive resizing: 40x40 crops for the first half of the "
              "epochs, then the recipe's 48x48 augmentation", config={"augment_early": [FLIP, CROP40]}),
+    Ablation("muon", "Muon (orthogonalised momentum, lr 0.03) for the conv weights; SGD for the rest",
+             config={"optimizer": "muon"}),
     Ablation("mixup_0.2", "mixup, alpha 0.2", config={"mixup_alpha": 0.2}),
     Ablation("hist_eq", "histogram-equalise every face (train and test)", equalize=True),
     Ablation("whiten_stem", "patch-whitening stem conv, frozen (airbench)", prepare="whiten_stem"),

@@ -80,7 +80,9 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 64
     lr: float = 1e-3
-    optimizer: str = "adam"  # "adam" | "adamw" | "sgd"
+    optimizer: str = "adam"  # "adam" | "adamw" | "sgd" | "muon" (fer_lib.optim: conv weights
+    # orthogonalised at muon_lr, everything else Nesterov-or-not SGD at lr, both under one schedule)
+    muon_lr: float = 0.03
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd
     weight_decay: float = 0.0
@@ -122,7 +124,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         choices = {
-            "optimizer": ("adam", "adamw", "sgd"),
+            "optimizer": ("adam", "adamw", "sgd", "muon"),
             "scheduler": ("none", "plateau", "onecycle", "cosine"),
             "plateau_metric": ("val_loss", "val_accuracy"),
             "tta": ("none", "flip"),
@@ -300,6 +302,15 @@ class ModelEma:
 
 def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "muon":
+        from fer_lib.optim import Muon
+
+        convs = [p for p in params if p.ndim == 4]
+        rest = [p for p in params if p.ndim != 4]
+        groups = [{"params": convs, "lr": config.muon_lr, "orthogonalize": True},
+                  {"params": rest, "lr": config.lr, "orthogonalize": False}]
+        return Muon([g for g in groups if g["params"]], momentum=config.momentum, nesterov=config.nesterov,
+                    weight_decay=config.weight_decay)
     if config.optimizer == "sgd":
         cls = torch.optim.SGD
         kwargs = {"momentum": config.momentum, "nesterov": config.nesterov}
@@ -317,7 +328,9 @@ def _make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
     """(scheduler or None, steps per batch: True when stepped every batch)."""
     total = config.epochs * steps_per_epoch
     if config.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total,
+        # each group peaks at its own lr (muon: conv weights and the rest differ)
+        peaks = [group["lr"] for group in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total,
                                                    pct_start=config.pct_start), True
     if config.scheduler == "cosine":
         warmup = int(round(config.warmup_epochs * steps_per_epoch))
@@ -554,7 +567,7 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 _RESUME_FIELDS = ("batch_size", "lr", "optimizer", "weight_decay", "scheduler", "augment", "seed", "label_smoothing",
                   "ema_decay", "upsample", "weighted_sampling", "class_weights", "max_steps_per_epoch",
-                  "augment_early", "augment_early_epochs", "alternating_flip", "mixup_alpha")
+                  "augment_early", "augment_early_epochs", "alternating_flip", "mixup_alpha", "muon_lr")
 
 
 def summary_line(row: dict[str, float], epochs: int) -> str:

@@ -10,7 +10,8 @@ from fer_lib.ablation import ABLATIONS, PREPARATIONS, ablation_table, get_ablati
 from fer_lib.data import equalize_histogram
 from fer_lib.models import create_model
 from fer_lib.models.fernet import freeze_bn_scales_, identity_init_, whiten_stem_
-from fer_lib.training import Engine, TrainConfig, fit
+from fer_lib.optim import Muon, orthogonalize
+from fer_lib.training import Engine, TrainConfig, fit, make_optimizer
 
 
 def test_equalize_histogram_matches_opencv_and_leaves_constant_faces_alone():
@@ -187,3 +188,39 @@ def test_command_writes_the_table_and_resumes(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         main(["--only", "crop40_tencrop", "--data", str(csv)])
     assert exit_info.value.code == 2
+
+
+def test_muon_orthogonalises_conv_updates_and_is_sgd_elsewhere():
+    torch.manual_seed(0)
+    matrix = torch.randn(16, 72) @ torch.diag(torch.logspace(-2, 1, 72))  # badly conditioned
+    singular = torch.linalg.svdvals(orthogonalize(matrix))
+    assert singular.min() > 0.6 and singular.max() < 1.25  # all pushed towards 1
+    conv = torch.randn(16, 8, 3, 3, requires_grad=True)
+    bias = torch.randn(16, requires_grad=True)
+    reference = bias.detach().clone().requires_grad_(True)
+    optimizer = Muon([{"params": [conv], "orthogonalize": True}, {"params": [bias], "orthogonalize": False}],
+                     lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    sgd = torch.optim.SGD([reference], lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    before = conv.detach().clone()
+    for _ in range(3):
+        grad_conv, grad_bias = torch.randn_like(conv), torch.randn_like(bias)
+        conv.grad, bias.grad, reference.grad = grad_conv, grad_bias, grad_bias.clone()
+        optimizer.step()
+        sgd.step()
+    torch.testing.assert_close(bias, reference)  # the other group is exactly torch's SGD
+    step = (before * (1 - 0.1 * 0.01) ** 3 - conv.detach()).reshape(16, -1)
+    assert torch.linalg.svdvals(step).max() < 3 * 0.1 * 1.25  # each step's spectral norm ~ lr
+    with pytest.raises(ValueError, match="momentum"):
+        Muon([conv], momentum=1.5)
+
+
+def test_muon_option_trains_the_convs_with_muon(data):
+    config = TrainConfig(epochs=1, batch_size=32, lr=0.05, optimizer="muon", muon_lr=0.02, scheduler="onecycle",
+                         progress=False, checkpoint_every_epoch=False, precision="fp32", max_steps_per_epoch=2)
+    fitted = fit(create_model("fernet_small"), data.train, data.val, config)
+    assert np.isfinite(fitted.history[-1]["train_loss"])
+    optimizer = make_optimizer(create_model("fernet_small"), config, torch.device("cpu"))
+    assert isinstance(optimizer, Muon)
+    conv_group, rest_group = optimizer.param_groups
+    assert conv_group["orthogonalize"] and all(p.ndim == 4 for p in conv_group["params"])
+    assert conv_group["lr"] == 0.02 and rest_group["lr"] == 0.05 and not rest_group["orthogonalize"]
