@@ -187,3 +187,31 @@ def test_reproduce_budget_stops_a_run_and_skips_the_rest_with_notes(monkeypatch,
     assert "Not run in full: seed 0" in report
     line = recipes.summary_line_json(summary)
     assert line["test_accuracy_mean"] is None and line["ensemble_test_accuracy"] is None
+
+
+def test_reproduce_resume_continues_seeds_that_have_a_checkpoint_and_starts_the_others(monkeypatch, tmp_path):
+    """--resume: a seed with a last checkpoint continues it; a seed without one starts afresh."""
+    import types
+
+    import fer_lib.experiment
+    from fer_lib import recipes
+
+    calls = []
+
+    def fake_train(name, data, *, run_dir, seed, wandb_mode=None, resume=False, on_epoch_end=None, **overrides):
+        calls.append((seed, resume))
+        results = {"val_accuracy": 0.5, "test_accuracy": 0.5, "test_macro_f1": 0.4,
+                   "seconds": 1.0, "epochs_run": 1, "device": "cpu"}
+        return types.SimpleNamespace(results=results)
+
+    monkeypatch.setattr(recipes, "train_recipe", fake_train)
+    (tmp_path / "seed1").mkdir()
+    (tmp_path / "seed1" / "last.pt").write_bytes(b"checkpoint")
+    split = types.SimpleNamespace(images=None, labels=None)
+    data = types.SimpleNamespace(test=split)
+    monkeypatch.setattr(fer_lib.experiment, "ensemble_metrics", lambda members, data: {})
+    recipes.reproduce("fast_cpu", [0, 1], data, out_dir=tmp_path, resume=True)
+    assert calls == [(0, False), (1, True)]
+    calls.clear()
+    recipes.reproduce("fast_cpu", [0, 1], data, out_dir=tmp_path)
+    assert calls == [(0, False), (1, False)]
