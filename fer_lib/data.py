@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from fer_lib.fileio import atomic_path
+from fer_lib.fileio import atomic_path, checkout_root
 
 if TYPE_CHECKING:  # pandas is imported lazily: a cached load should not pay for it
     import pandas as pd
@@ -223,21 +223,13 @@ class _Parsed:
 # --------------------------------------------------------------------------------------------
 # Locating the data
 # --------------------------------------------------------------------------------------------
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
 def _default_search_dirs() -> list[Path]:
     """Folders searched when neither ``source`` nor ``$FER2013_PATH`` is given (tests patch this)."""
-    repo = _repo_root()
+    repo = checkout_root()
     cwd = Path.cwd()
-    candidates = [
-        repo / "data",
-        repo / "data" / "fer2013",
-        cwd / "data",
-        cwd.parent / "data",  # notebooks run from notebooks/
-        repo.parent / "shared" / "data" / "fer2013",
-    ]
+    in_checkout = [repo / "data", repo / "data" / "fer2013"] if repo is not None else []
+    beside_checkout = [repo.parent / "shared" / "data" / "fer2013"] if repo is not None else []
+    candidates = in_checkout + [cwd / "data", cwd.parent / "data"] + beside_checkout  # notebooks run from notebooks/
     unique: list[Path] = []
     for path in candidates:
         if path not in unique:

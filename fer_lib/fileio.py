@@ -251,6 +251,15 @@ def _git(*args: str) -> subprocess.CompletedProcess | None:
 
 
 @lru_cache(maxsize=1)
+def checkout_root() -> Path | None:
+    """The repository folder when fer_lib runs from a checkout (editable install or PYTHONPATH),
+    None when it was installed as a package (site-packages, e.g. in Colab)."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir():
+        return root
+    return None
+
+
 def git_revision() -> str | None:
     """`git rev-parse HEAD` of the checkout fer_lib is imported from, or None.
 

@@ -181,7 +181,7 @@ class _Tee:
 
 
 def _step_tests(budget: float, dry_run: bool) -> StepResult:
-    from fer_lib.results import checkout_root
+    from fer_lib.fileio import checkout_root
 
     step = StepResult("tests")
     root = checkout_root()

@@ -32,8 +32,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from fer_lib.fileio import atomic_write_text
-from fer_lib.results import RESULTS_MIMETYPE, checkout_root
+from fer_lib.fileio import atomic_write_text, checkout_root
+from fer_lib.results import RESULTS_MIMETYPE
 from fer_lib.series import NOTEBOOKS
 
 SUMMARY_COLUMNS = ("notebook", "model", "epochs", "val_accuracy", "test_accuracy", "macro_f1",

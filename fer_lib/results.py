@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from fer_lib.fileio import atomic_write_json, safe_filename, to_jsonable
+from fer_lib.fileio import atomic_write_json, checkout_root, safe_filename, to_jsonable
 
 RESULTS_FILE = "results.json"
 
@@ -63,15 +63,6 @@ REPORT_PER_CLASS_F1: dict[str, dict[str, float]] = {
     "04_cnn_augmentation_sweep": {"Angry": 0.51, "Disgust": 0.44, "Fear": 0.42, "Happy": 0.81,
                                   "Sad": 0.52, "Surprise": 0.71, "Neutral": 0.56},
 }
-
-
-def checkout_root() -> Path | None:
-    """The repository folder when fer_lib runs from a checkout (editable install or PYTHONPATH),
-    None when it was installed as a package (site-packages, e.g. in Colab)."""
-    root = Path(__file__).resolve().parent.parent
-    if (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir():
-        return root
-    return None
 
 
 def runs_folder() -> Path:
