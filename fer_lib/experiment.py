@@ -77,8 +77,8 @@ def run_experiment(name: str, data: FER2013, model_name: str, config: TrainConfi
                    wandb_mode: str | None = None, project: str = "fer2013",
                    tta: str | None = None, extra: dict[str, Any] | None = None,
                    resume: bool = False,
-                   on_epoch_end: Callable[[dict[str, float], nn.Module], None] | None = None
-                   ) -> ExperimentResult:
+                   on_epoch_end: Callable[[dict[str, float], nn.Module], None] | None = None,
+                   prepare: str | None = None) -> ExperimentResult:
     """Train `model_name` on data.train, select on data.val, evaluate data.test once.
 
     tta: test-time augmentation for the final val/test evaluation (default: config.tta).
@@ -86,6 +86,8 @@ def run_experiment(name: str, data: FER2013, model_name: str, config: TrainConfi
     resume: continue from run_dir/last.pt when it exists (a run longer than one sitting; the
     engine resumes exactly), else start fresh.
     on_epoch_end: handed to `fit` (called with each epoch's row and model).
+    prepare: a model preparation of fer_lib.models.fernet.PREPARATIONS (e.g. "whiten_stem"),
+    applied to the new model with the training images before training.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -96,7 +98,12 @@ def run_experiment(name: str, data: FER2013, model_name: str, config: TrainConfi
     # cells, the previous seed of `reproduce`).
     torch.manual_seed(config.seed)
     model = create_model(model_name, num_classes=len(data.class_names), **model_kwargs)
-    tracker = init_tracker(project, {**config.to_dict(), "model": model_name, **model_kwargs},
+    if prepare:
+        from fer_lib.models.fernet import prepare_model
+
+        prepare_model(prepare, model, data.train.images)
+    tracker = init_tracker(project, {**config.to_dict(), "model": model_name, **model_kwargs,
+                                     **({"prepare": prepare} if prepare else {})},
                            mode=wandb_mode, run_dir=run_dir, name=name, job_type="train")
     start = time.perf_counter()
     try:

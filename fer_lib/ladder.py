@@ -87,10 +87,12 @@ class LadderStep:
 def _recipe_step() -> LadderStep:
     recipe = get_recipe("fast_cpu")
     config = recipe.config
+    optimizer = (f"Muon for the convs (lr {config.muon_lr:g}) + SGD lr {config.lr:g}" if config.optimizer == "muon"
+                 else f"SGD lr {config.lr:g}")
     return LadderStep(
         "fernet", "+ a model shaped for 48x48",
         f"recipe fast_cpu: {recipe.model} (3 stages, global pooling), flip + translate, "
-        f"SGD one-cycle lr {config.lr:g}, flip TTA",
+        f"{optimizer}, one-cycle, flip TTA",
         recipe.model, {k: v for k, v in config.to_dict().items() if k not in ("epochs", "seed", "progress")},
         dict(recipe.model_kwargs), tta=config.tta, how="recipe", recipe=recipe.name)
 

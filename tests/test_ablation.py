@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from fer_lib.ablation import ABLATIONS, PREPARATIONS, ablation_table, get_ablation, main, run_ablation
+from fer_lib.ablation import ABLATIONS, ablation_table, get_ablation, main, run_ablation
 from fer_lib.data import equalize_histogram
 from fer_lib.models import create_model
-from fer_lib.models.fernet import freeze_bn_scales_, identity_init_, whiten_stem_
+from fer_lib.models.fernet import PREPARATIONS, freeze_bn_scales_, identity_init_, prepare_model, whiten_stem_
 from fer_lib.optim import Muon, orthogonalize
 from fer_lib.training import Engine, TrainConfig, fit, make_optimizer
 
@@ -145,9 +145,9 @@ def test_every_ablation_is_one_known_change():
 
 def test_table_compares_each_variant_with_base_on_the_seeds_both_ran():
     runs = [
-        {"variant": "base", "seed": 0, "val_accuracy": 60.0, "test_accuracy": 61.0, "wall_seconds": 100},
-        {"variant": "base", "seed": 1, "val_accuracy": 62.0, "test_accuracy": 63.0, "wall_seconds": 110},
-        {"variant": "crop40", "seed": 1, "val_accuracy": 63.5, "test_accuracy": 62.0, "wall_seconds": 70},
+        {"variant": "base", "seed": 0, "val_accuracy": 60.0, "test_accuracy": 61.0, "wall_seconds": 100, "epochs": 4},
+        {"variant": "base", "seed": 1, "val_accuracy": 62.0, "test_accuracy": 63.0, "wall_seconds": 110, "epochs": 4},
+        {"variant": "crop40", "seed": 1, "val_accuracy": 63.5, "test_accuracy": 62.0, "wall_seconds": 70, "epochs": 3},
     ]
     table = ablation_table(runs).set_index("variant")
     assert table.loc["base", "PublicTest"] == 61.0 and table.loc["base", "dPublic"] == 0
@@ -155,6 +155,9 @@ def test_table_compares_each_variant_with_base_on_the_seeds_both_ran():
     assert table.loc["crop40", "dPublic"] == pytest.approx(1.5)
     assert table.loc["crop40", "dPrivate"] == pytest.approx(-1.0)
     assert table.loc["crop40", "seeds"] == 1 and table.loc["crop40", "wall_s"] == 70
+    assert table.loc["crop40", "epochs"] == 3
+    assert list(table.columns[:7]) == ["seeds", "epochs", "PublicTest", "dPublic", "PrivateTest", "dPrivate",
+                                       "wall_s"]
 
 
 def test_tta_only_variant_reevaluates_the_trained_models(data):
@@ -224,3 +227,27 @@ def test_muon_option_trains_the_convs_with_muon(data):
     conv_group, rest_group = optimizer.param_groups
     assert conv_group["orthogonalize"] and all(p.ndim == 4 for p in conv_group["params"])
     assert conv_group["lr"] == 0.02 and rest_group["lr"] == 0.05 and not rest_group["orthogonalize"]
+
+
+def test_a_costlier_variant_trains_fewer_epochs_and_a_wider_model(data):
+    fast = {"max_steps_per_epoch": 1, "precision": "fp32"}
+    trained = {}
+    row = run_ablation(get_ablation("width_2x_fewer_epochs"), data, epochs=4, trained=trained, **fast)
+    assert row["epochs"] == 3
+    model = trained[("width_2x_fewer_epochs", 0)][0]
+    assert model.head.in_features == 256  # fernet_small's head sees 128 channels
+
+
+def test_a_recipe_prepares_its_model_before_training(data, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from fer_lib import recipes
+
+    base = recipes.get_recipe("fast_cpu")
+    monkeypatch.setitem(recipes.RECIPES, "prepared", replace(base, name="prepared", prepare="frozen_bn_scales"))
+    result = recipes.train_recipe("prepared", data, run_dir=tmp_path / "run", wandb_mode="disabled", epochs=1,
+                                  max_steps_per_epoch=2, progress=False)
+    scales = [m.weight for m in result.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert scales and all(torch.all(w == 1) for w in scales)  # trained, yet never moved
+    with pytest.raises(ValueError, match="whiten_stem"):
+        prepare_model("nope", create_model("fernet_small"), data.train.images)

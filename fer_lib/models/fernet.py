@@ -181,3 +181,20 @@ def freeze_bn_scales_(model: nn.Module) -> nn.Module:
                 module.weight.fill_(1.0)
             module.weight.requires_grad_(False)
     return model
+
+
+# name -> function(model, training images uint8) applied to a new model before training;
+# recipes (Recipe.prepare) and ablations name them
+PREPARATIONS = {
+    "whiten_stem": lambda model, images: whiten_stem_(model, images),
+    "identity_init": lambda model, images: identity_init_(model),
+    "frozen_bn_scales": lambda model, images: freeze_bn_scales_(model),
+}
+
+
+def prepare_model(name: str, model: nn.Module, train_images) -> nn.Module:
+    """Apply the named preparation (PREPARATIONS) to a new model; train_images: uint8 faces."""
+    if name not in PREPARATIONS:
+        raise ValueError(f"unknown model preparation {name!r}; known: {', '.join(PREPARATIONS)}")
+    PREPARATIONS[name](model, torch.as_tensor(train_images))
+    return model
