@@ -429,7 +429,8 @@ class Engine:
         correct = torch.zeros((), device=device, dtype=torch.int64)
         first_bad = torch.full((), -1, device=device, dtype=torch.int64)
         seen = reported = 0
-        augment = self.augment_early if epoch <= self.config.augment_early_epochs else self.augment
+        early = self.augment_early is not None and epoch <= self.config.augment_early_epochs
+        augment = self.augment_early if early else self.augment
         augment = None if augment.is_identity else augment
         flip_mask = self.flip_mask(images.shape[0], epoch) if self.config.alternating_flip else None
         mixup = self.config.mixup_alpha
