@@ -250,7 +250,6 @@ def _git(*args: str) -> subprocess.CompletedProcess | None:
         return None
 
 
-@lru_cache(maxsize=1)
 def checkout_root() -> Path | None:
     """The repository folder when fer_lib runs from a checkout (editable install or PYTHONPATH),
     None when it was installed as a package (site-packages, e.g. in Colab)."""
@@ -260,6 +259,7 @@ def checkout_root() -> Path | None:
     return None
 
 
+@lru_cache(maxsize=1)
 def git_revision() -> str | None:
     """`git rev-parse HEAD` of the checkout fer_lib is imported from, or None.
 
