@@ -227,9 +227,10 @@ def _default_search_dirs() -> list[Path]:
     """Folders searched when neither ``source`` nor ``$FER2013_PATH`` is given (tests patch this)."""
     repo = checkout_root()
     cwd = Path.cwd()
-    in_checkout = [repo / "data", repo / "data" / "fer2013"] if repo is not None else []
-    beside_checkout = [repo.parent / "shared" / "data" / "fer2013"] if repo is not None else []
-    candidates = in_checkout + [cwd / "data", cwd.parent / "data"] + beside_checkout  # notebooks run from notebooks/
+    candidates = [cwd / "data", cwd.parent / "data"]  # cwd.parent: notebooks run from notebooks/
+    if repo is not None:  # a checkout (not an installed package): its data/ first, shared/ last
+        candidates = [repo / "data", repo / "data" / "fer2013", *candidates,
+                      repo.parent / "shared" / "data" / "fer2013"]
     unique: list[Path] = []
     for path in candidates:
         if path not in unique:

@@ -451,9 +451,10 @@ class Engine:
             x = x.contiguous(memory_format=memory_format)
             with setup.autocast():
                 logits = self.forward_model(x)
-            loss = self.criterion(logits.float(), yb)
+            scores = logits.float()
+            loss = self.criterion(scores, yb)
             if mixup:
-                loss = lam * loss + (1 - lam) * self.criterion(logits.float(), yb.index_select(0, partner))
+                loss = lam * loss + (1 - lam) * self.criterion(scores, yb.index_select(0, partner))
             if self.sync_every == 1 and not math.isfinite(loss.item()):
                 raise NonFiniteLossError(
                     f"training loss is {loss.item()} at epoch {epoch}, step {step + 1} of {steps}; "
