@@ -29,3 +29,19 @@ def real_fer2013_path():
     if not path or not os.path.exists(path):
         pytest.skip("FER2013_PATH is not set to the real FER2013 file")
     return path
+
+
+@pytest.fixture
+def fer2013_csv(tmp_path, monkeypatch):
+    """Factory: fer2013_csv((train, public, private), seed=0) writes a generated FER2013 CSV in
+    tmp_path and returns its path; the parsed-data cache goes to tmp_path as well."""
+    from fer_lib.synthetic import write_fer2013_csv
+
+    monkeypatch.setenv("FER_LIB_CACHE", str(tmp_path / "cache"))
+
+    def make(n_per_split, seed=0):
+        csv = tmp_path / f"fer2013-{'-'.join(map(str, n_per_split))}-seed{seed}.csv"
+        write_fer2013_csv(csv, n_per_split=n_per_split, seed=seed)
+        return csv
+
+    return make

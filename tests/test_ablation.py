@@ -71,14 +71,10 @@ def test_identity_init_passes_the_input_through_and_keeps_the_stem_random():
 
 
 @pytest.fixture
-def data(tmp_path, monkeypatch):
+def data(fer2013_csv):
     from fer_lib.data import load_fer2013
-    from fer_lib.synthetic import write_fer2013_csv
 
-    monkeypatch.setenv("FER_LIB_CACHE", str(tmp_path / "cache"))
-    csv = tmp_path / "fer2013.csv"
-    write_fer2013_csv(csv, n_per_split=(96, 32, 32), seed=0)
-    return load_fer2013(csv)
+    return load_fer2013(fer2013_csv((96, 32, 32)))
 
 
 def test_frozen_bn_scales_stay_one_while_biases_learn(data):
@@ -173,12 +169,8 @@ def test_tta_only_variant_reevaluates_the_trained_models(data):
         run_ablation(get_ablation("flip_translate_tta"), data, epochs=1, trained=trained, **fast)
 
 
-def test_command_writes_the_table_and_resumes(tmp_path, capsys, monkeypatch):
-    from fer_lib.synthetic import write_fer2013_csv
-
-    monkeypatch.setenv("FER_LIB_CACHE", str(tmp_path / "cache"))
-    csv = tmp_path / "fer2013.csv"
-    write_fer2013_csv(csv, n_per_split=(64, 32, 32), seed=0)
+def test_command_writes_the_table_and_resumes(tmp_path, capsys, fer2013_csv):
+    csv = fer2013_csv((64, 32, 32))
     args = ["--data", str(csv), "--epochs", "1", "--max-steps-per-epoch", "1", "--out", str(tmp_path / "abl"),
             "--only", "base", "hist_eq"]
     assert main(args) == 0

@@ -4,16 +4,12 @@ import torch
 
 from fer_lib.data import load_fer2013
 from fer_lib.experiment import run_experiment, sweep_objective
-from fer_lib.synthetic import write_fer2013_csv
 from fer_lib.training import TrainConfig
 
 
 @pytest.fixture
-def data(tmp_path, monkeypatch):
-    monkeypatch.setenv("FER_LIB_CACHE", str(tmp_path / "cache"))
-    csv = tmp_path / "fer2013.csv"
-    write_fer2013_csv(csv, n_per_split=(70, 21, 21), seed=0)
-    return load_fer2013(csv)
+def data(fer2013_csv):
+    return load_fer2013(fer2013_csv((70, 21, 21)))
 
 
 CONFIG = TrainConfig(epochs=1, batch_size=16, max_steps_per_epoch=2, progress=False, seed=3)
