@@ -78,7 +78,7 @@ def run_experiment(name: str, data: FER2013, model_name: str, config: TrainConfi
                    tta: str | None = None, extra: dict[str, Any] | None = None,
                    resume: bool = False,
                    on_epoch_end: Callable[[dict[str, float], nn.Module], None] | None = None,
-                   prepare: str | None = None) -> ExperimentResult:
+                   prepare: str | None = None, soft_targets: Any = None) -> ExperimentResult:
     """Train `model_name` on data.train, select on data.val, evaluate data.test once.
 
     tta: test-time augmentation for the final val/test evaluation (default: config.tta).
@@ -88,6 +88,7 @@ def run_experiment(name: str, data: FER2013, model_name: str, config: TrainConfi
     on_epoch_end: handed to `fit` (called with each epoch's row and model).
     prepare: a model preparation of fer_lib.models.fernet.PREPARATIONS (e.g. "whiten_stem"),
     applied to the new model with the training images before training.
+    soft_targets: distillation targets for data.train (fer_lib.distill), handed to `fit`.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +112,8 @@ def run_experiment(name: str, data: FER2013, model_name: str, config: TrainConfi
         if resuming:
             print(f"resuming from {run_dir.name}/last.pt", flush=True)
         fitted = fit(model, data.train, data.val, config, tracker=tracker, run_dir=run_dir,
-                     class_names=data.class_names, resume=bool(resuming), on_epoch_end=on_epoch_end)
+                     class_names=data.class_names, resume=bool(resuming), on_epoch_end=on_epoch_end,
+                     soft_targets=soft_targets)
         val_eval = evaluate(fitted.model, data.val, batch_size=config.eval_batch_size, tta=tta)
         # PrivateTest is looked at once, after the epoch was chosen on PublicTest.
         test_eval = evaluate(fitted.model, data.test, batch_size=config.eval_batch_size, tta=tta)

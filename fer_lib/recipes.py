@@ -166,12 +166,14 @@ def time_to_accuracy(points: list[dict[str, float]], threshold: float) -> tuple[
 
 def train_recipe(name: str, data, *, run_dir: str | Path, seed: int = 0,
                  wandb_mode: str | None = None, resume: bool = False,
-                 on_epoch_end: Callable[[dict[str, float], Any], None] | None = None, **overrides: Any):
+                 on_epoch_end: Callable[[dict[str, float], Any], None] | None = None, soft_targets: Any = None,
+                 **overrides: Any):
     """Train one recipe once under the standard protocol; returns an ExperimentResult.
 
     overrides: TrainConfig fields to change for this run (e.g. epochs=2 for a smoke run).
     resume: continue from run_dir/last.pt when it exists.
     on_epoch_end: handed to fit (e.g. an EpochProbe).
+    soft_targets: distillation targets for data.train (fer_lib.distill); set distill_weight too.
     """
     from fer_lib.experiment import run_experiment
 
@@ -180,7 +182,7 @@ def train_recipe(name: str, data, *, run_dir: str | Path, seed: int = 0,
     return run_experiment(f"{name}-seed{seed}", data, recipe.model, config, run_dir=run_dir,
                           model_kwargs=recipe.model_kwargs, wandb_mode=wandb_mode,
                           extra={"recipe": name}, resume=resume, on_epoch_end=on_epoch_end,
-                          prepare=recipe.prepare)
+                          prepare=recipe.prepare, soft_targets=soft_targets)
 
 
 def _tta_columns(probe: EpochProbe) -> dict[str, float]:
@@ -203,7 +205,7 @@ class Reproduction:
 
 def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
               wandb_mode: str | None = None, budget_seconds: float | None = None, resume: bool = False,
-              **overrides: Any) -> Reproduction:
+              teachers: list[str | Path] | None = None, **overrides: Any) -> Reproduction:
     """Train a recipe once per seed (run folders out_dir/seed<k>); return a Reproduction.
 
     The summary holds mean and std (ddof=1) of each column and, with two or more seeds, the
@@ -220,7 +222,10 @@ def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
     the next epoch would pass the budget; both leave a note in summary["skipped"] (a stopped
     run's time-to-accuracy so far included) and count in no mean. resume: continue each seed
     from its run folder's last checkpoint (a resumed run's time-to-accuracy covers only the
-    epochs trained in this call; a seed without a last checkpoint starts afresh).
+    epochs trained in this call; a seed without a last checkpoint starts afresh). teachers:
+    finished run folders whose best models' flip-TTA ensemble gives every seed its soft targets
+    (fer_lib.distill; computed once, its seconds in summary["teacher_seconds"], not in any
+    seed's wall time); the recipe's distill_weight, or an override, must be > 0.
     """
     import pandas as pd
 
@@ -228,6 +233,17 @@ def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
 
     recipe = get_recipe(name)
     config = replace(recipe.config, **overrides)
+    soft_targets, teacher_seconds = None, 0.0
+    if teachers:
+        from fer_lib.distill import load_teachers, teacher_probs
+
+        if config.distill_weight == 0:
+            raise ValueError("teachers given but distill_weight is 0: set it (e.g. --distill-weight 0.5)")
+        started = time.perf_counter()
+        soft_targets = teacher_probs(load_teachers(teachers), data.train.images, tta="flip",
+                                     batch_size=config.eval_batch_size, precision=config.precision)
+        teacher_seconds = time.perf_counter() - started
+        print(f"soft targets from {len(teachers)} teachers in {teacher_seconds:.0f} s", flush=True)
     deadline = time.perf_counter() + budget_seconds if budget_seconds is not None else None
     rows, members, skipped = [], [], []
     curves: dict[str, list[list[float]]] = {}
@@ -245,7 +261,7 @@ def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
             run_dir = Path(out_dir) / f"seed{seed}"
             result = train_recipe(name, data, run_dir=run_dir, seed=seed, wandb_mode=wandb_mode,
                                   resume=resume and (run_dir / "last.pt").exists(),
-                                  on_epoch_end=probe, **overrides)
+                                  on_epoch_end=probe, soft_targets=soft_targets, **overrides)
         except BudgetExceeded as stop:
             reached = ", ".join(f"{t:g}% at {probe.time_to(t)[0]:.0f} s" for t in THRESHOLDS
                                 if not math.isnan(probe.time_to(t)[0]))
@@ -272,6 +288,9 @@ def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
     table = pd.DataFrame(rows, columns=columns)
     summary: dict[str, Any] = {"recipe": name, "seeds": [int(r["seed"]) for r in rows],
                                "machine": machine_description(), "skipped": skipped, "curves": curves}
+    if teachers:
+        summary["teachers"] = [str(teacher) for teacher in teachers]
+        summary["teacher_seconds"] = teacher_seconds
     for col in ("val_accuracy", "test_accuracy", "test_macro_f1", "wall_seconds"):
         values = table[col].to_numpy(dtype=float)
         summary[col] = {"mean": float(values.mean()) if len(values) else math.nan,
@@ -323,6 +342,10 @@ def summary_markdown(table, summary: dict[str, Any], labels: str = "fer2013") ->
              f"PrivateTest accuracy {acc['mean']:.2f} +- {acc['std']:.2f} %, macro-F1 "
              f"{f1['mean']:.2f} +- {f1['std']:.2f} %, wall {sec['mean']:.0f} +- {sec['std']:.0f} s "
              f"over {len(summary['seeds'])} seeds"]
+    if summary.get("teachers"):
+        lines.append(f"Distilled from {len(summary['teachers'])} teachers' flip-TTA ensemble "
+                     f"({', '.join(Path(t).name for t in summary['teachers'])}); soft targets took "
+                     f"{summary['teacher_seconds']:.0f} s, outside the seeds' wall time")
     if "ensemble" in summary:
         ens = summary["ensemble"]
         lines.append(f"Ensemble of the {ens['members']} seeds (softmax average): PrivateTest "
@@ -365,6 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="continue each seed from its run folder's last checkpoint (seeds "
                              "without one start afresh)")
+    parser.add_argument("--teacher", nargs="+", default=None, metavar="RUN_DIR",
+                        help="distil from these finished run folders (their best.pt, flip-TTA ensemble)")
+    parser.add_argument("--distill-weight", type=float, default=None,
+                        help="weight of the distillation loss (0..1; with --teacher)")
+    parser.add_argument("--distill-temperature", type=float, default=None)
     parser.add_argument("--out", default="runs/reproduce")
     parser.add_argument("--wandb-mode", default=None, choices=["online", "offline", "disabled"])
     args = parser.parse_args(argv)
@@ -377,9 +405,13 @@ def main(argv: list[str] | None = None) -> int:
         overrides["epochs"] = args.epochs
     if args.max_steps_per_epoch is not None:
         overrides["max_steps_per_epoch"] = args.max_steps_per_epoch
+    for key in ("distill_weight", "distill_temperature"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
     out = Path(args.out) / f"{args.recipe}-{args.labels}"
     run = reproduce(args.recipe, args.seeds, data, out_dir=out, wandb_mode=args.wandb_mode,
-                    budget_seconds=args.budget_seconds, resume=args.resume, **overrides)
+                    budget_seconds=args.budget_seconds, resume=args.resume,
+                    teachers=args.teacher, **overrides)
     table, summary = run.table, run.summary
     report = summary_markdown(table, summary, args.labels)
     print("\n" + report, end="")

@@ -43,6 +43,7 @@ from fer_lib.balance import class_weights, upsample_to_max
 from fer_lib.checkpoint import load_checkpoint, load_checkpoint_into, save_checkpoint, to_plain
 from fer_lib.data import CLASS_NAMES
 from fer_lib.device import DeviceSetup, EpochProgress, progress_mode, resolve_device
+from fer_lib.distill import check_soft_targets, distillation_loss, temper
 from fer_lib.inference import predict_logits
 
 __all__ = [
@@ -111,6 +112,10 @@ class TrainConfig:
     # ways in every two epochs (leave RandomHorizontalFlip out of `augment` with this)
     alternating_flip: bool = False
     mixup_alpha: float = 0.0  # > 0: mix batches with lambda ~ Beta(alpha, alpha)
+    # knowledge distillation (fer_lib.distill): fit(soft_targets=...) gives each training image
+    # the teachers' probabilities; loss = (1 - w) * CE + w * T^2 * KL(targets_T || student_T)
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
     device: str = "auto"
     precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
     channels_last: Any = "auto"
@@ -137,6 +142,9 @@ class TrainConfig:
         if self.mixup_alpha < 0 or self.augment_early_epochs < 0:
             raise ValueError("TrainConfig.mixup_alpha and augment_early_epochs must be >= 0, got "
                              f"{self.mixup_alpha}, {self.augment_early_epochs}")
+        if not 0 <= self.distill_weight <= 1 or self.distill_temperature <= 0:
+            raise ValueError("TrainConfig needs 0 <= distill_weight <= 1 and distill_temperature > 0, got "
+                             f"{self.distill_weight}, {self.distill_temperature}")
         if self.augment_early_epochs and self.augment_early is None:
             raise ValueError("TrainConfig.augment_early_epochs needs augment_early (the early epochs' augment)")
 
@@ -224,10 +232,11 @@ class _TrainData:
     val_images: Tensor | None
     val_labels: Tensor | None
     class_names: tuple[str, ...]
+    soft_targets: Tensor | None = None  # distillation: (N, C) probabilities per training image
 
 
 def _prepare_data(train: Any, val: Any, config: TrainConfig, class_names: Sequence[str] | None,
-                  device: torch.device) -> _TrainData:
+                  device: torch.device, soft_targets: Any = None) -> _TrainData:
     train_x, train_y = _arrays(train, "train")
     if train_y is None:
         raise ValueError("train split has no labels")
@@ -238,7 +247,16 @@ def _prepare_data(train: Any, val: Any, config: TrainConfig, class_names: Sequen
             raise ValueError("val split has no labels")
     names = tuple(class_names if class_names is not None else getattr(train, "class_names", CLASS_NAMES))
     num_classes = max(int(train_y.max()) + 1, len(names))
-    flags = sample_weight = class_weight = None
+    flags = sample_weight = class_weight = soft = None
+    if config.distill_weight > 0 and soft_targets is None:
+        raise ValueError(f"TrainConfig.distill_weight={config.distill_weight} needs fit(soft_targets=...) "
+                         "(fer_lib.distill.teacher_probs on the training images)")
+    if soft_targets is not None:
+        if config.distill_weight == 0:
+            warnings.warn("soft targets given with TrainConfig.distill_weight=0: they are not used", stacklevel=3)
+        if config.upsample:
+            raise ValueError("soft targets follow the training rows; upsample copies rows, so use one or the other")
+        soft = check_soft_targets(soft_targets, train_y.numel(), num_classes).to(device)
     if config.upsample:
         up_x, up_y, up_flags = upsample_to_max(train_x.numpy(), train_y.numpy(), config.seed)
         train_x, train_y = torch.as_tensor(up_x), torch.as_tensor(up_y).long()
@@ -249,7 +267,7 @@ def _prepare_data(train: Any, val: Any, config: TrainConfig, class_names: Sequen
         counts = torch.bincount(train_y, minlength=num_classes).double()
         sample_weight = (1.0 / counts.clamp(min=1))[train_y]
     return _TrainData(train_x.to(device), train_y.to(device), flags, sample_weight, class_weight,
-                      val_x.to(device) if val_x is not None else None, val_y, names)
+                      val_x.to(device) if val_x is not None else None, val_y, names, soft)
 
 
 def _seed_for(seed: int, epoch: int, stream: int) -> int:
@@ -357,7 +375,7 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, setup: DeviceSetup, steps_per_epoch: int,
-                 class_weight: Tensor | None = None):
+                 class_weight: Tensor | None = None, soft_targets: Tensor | None = None):
         self.config, self.setup = config, setup
         self.model = model.to(setup.device, memory_format=setup.memory_format())
         self.forward_model = torch.compile(self.model) if setup.compile else self.model
@@ -369,6 +387,9 @@ class Engine:
         self.augment_early = (build_augment(config.augment_early).to(setup.device)
                               if config.augment_early_epochs else None)
         self.flip_bits: Tensor | None = None  # alternating_flip: one bit per training image
+        # distillation targets at the run's temperature, tempered once (not per batch)
+        self.soft_targets = (temper(soft_targets, config.distill_temperature).to(setup.device)
+                             if soft_targets is not None and config.distill_weight > 0 else None)
         self.ema = ModelEma(self.model, config.ema_decay) if config.ema_decay else None
         self.scaler = torch.amp.GradScaler(setup.device.type) if setup.needs_grad_scaler else None
         # on CPU reading a scalar costs nothing (no queue to drain); on CUDA it stalls the GPU
@@ -455,6 +476,12 @@ class Engine:
             loss = self.criterion(scores, yb)
             if mixup:
                 loss = lam * loss + (1 - lam) * self.criterion(scores, yb.index_select(0, partner))
+            if self.soft_targets is not None:
+                soft = self.soft_targets.index_select(0, idx)
+                if mixup:
+                    soft = lam * soft + (1 - lam) * soft.index_select(0, partner)
+                weight = self.config.distill_weight
+                loss = (1 - weight) * loss + weight * distillation_loss(scores, soft, self.config.distill_temperature)
             if self.sync_every == 1 and not math.isfinite(loss.item()):
                 raise NonFiniteLossError(
                     f"training loss is {loss.item()} at epoch {epoch}, step {step + 1} of {steps}; "
@@ -569,7 +596,8 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 _RESUME_FIELDS = ("batch_size", "lr", "optimizer", "weight_decay", "scheduler", "augment", "seed", "label_smoothing",
                   "ema_decay", "upsample", "weighted_sampling", "class_weights", "max_steps_per_epoch",
-                  "augment_early", "augment_early_epochs", "alternating_flip", "mixup_alpha", "muon_lr")
+                  "augment_early", "augment_early_epochs", "alternating_flip", "mixup_alpha", "muon_lr",
+                  "distill_weight", "distill_temperature")
 
 
 def summary_line(row: dict[str, float], epochs: int) -> str:
@@ -714,7 +742,8 @@ def _run_epoch(engine: Engine, data: _TrainData, epoch: int, mode: str) -> dict[
 def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None = None, *, tracker: Any = None,
         run_dir: str | Path | None = None, resume: bool | str | Path | None = None,
         class_names: Sequence[str] | None = None,
-        on_epoch_end: Callable[[dict[str, float], nn.Module], None] | None = None) -> FitResult:
+        on_epoch_end: Callable[[dict[str, float], nn.Module], None] | None = None,
+        soft_targets: Any = None) -> FitResult:
     """Train `model` on `train`, select the best epoch on `val` accuracy, return FitResult.
 
     model: an nn.Module (moved to the training device in place) or a registered model name.
@@ -729,6 +758,8 @@ def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None
     on_epoch_end: called as on_epoch_end(row, model) after each epoch is logged (row: a copy), with the
         model that epoch would be kept as (EMA weights when EMA is on); it may evaluate, must not
         train, and may raise to stop the run (e.g. fer_lib.recipes' time budget).
+    soft_targets: (N, C) probabilities per training image (fer_lib.distill.teacher_probs), used
+        when config.distill_weight > 0.
     Returns FitResult with the model holding the best (EMA if enabled) weights.
     """
     config = config or TrainConfig()
@@ -748,9 +779,9 @@ def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None
     model = _as_model(model)
     setup = resolve_device(config.device, config.precision, config.channels_last, compile=config.compile, model=model)
     mode = progress_mode(config.progress)
-    data = _prepare_data(train, val, config, class_names, setup.device)
+    data = _prepare_data(train, val, config, class_names, setup.device, soft_targets)
     steps = steps_per_epoch(data.labels.numel(), config.batch_size, config.max_steps_per_epoch)
-    engine = Engine(model, config, setup, steps, data.class_weight)
+    engine = Engine(model, config, setup, steps, data.class_weight, data.soft_targets)
     identity = _run_identity(model, data, config, steps)
     meta = {"config": config.to_dict(), "class_names": data.class_names, "model_name": identity["model_name"],
             "model_kwargs": getattr(model, "registry_kwargs", None)}
