@@ -60,13 +60,8 @@ def test_peak_fraction_table_smoke():
     assert late["rows"] == [] and "exp3_cnn" in late["skipped"][0]
 
 
-def test_compare_precision_runs_each_precision_on_the_same_start(tmp_path, monkeypatch, capsys):
-    from fer_lib.synthetic import write_fer2013_csv
-
-    csv = tmp_path / "fer2013.csv"
-    write_fer2013_csv(csv, n_per_split=(70, 21, 21), seed=0)
-    monkeypatch.setenv("FER2013_PATH", str(csv))
-    monkeypatch.setenv("FER_LIB_CACHE", str(tmp_path / "cache"))
+def test_compare_precision_runs_each_precision_on_the_same_start(fer2013_csv, monkeypatch, capsys):
+    monkeypatch.setenv("FER2013_PATH", str(fer2013_csv((70, 21, 21))))
     result = bench.main(["--compare-precision", "--epochs", "1", "--max-steps-per-epoch", "2",
                          "--images", "64", "--batch-size", "8", "--json"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result

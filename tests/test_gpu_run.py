@@ -9,14 +9,9 @@ from fer_lib import gpu_run
 
 
 @pytest.fixture
-def fer_csv(tmp_path, monkeypatch):
-    from fer_lib.synthetic import write_fer2013_csv
-
+def fer_csv(fer2013_csv, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setenv("FER_LIB_CACHE", str(tmp_path / "cache"))
-    csv = tmp_path / "fer2013.csv"
-    write_fer2013_csv(csv, n_per_split=(70, 21, 21), seed=0)
-    return csv
+    return fer2013_csv((70, 21, 21))
 
 
 def test_pack_writes_two_xz_files_that_load_back_as_the_same_splits(fer_csv, tmp_path):

@@ -18,13 +18,9 @@ def test_every_recipe_names_a_registered_model():
 
 
 @pytest.mark.slow
-def test_reproduce_command_trains_each_seed_and_prints_the_table(tmp_path, capsys, monkeypatch):
-    from fer_lib.synthetic import write_fer2013_csv
-
+def test_reproduce_command_trains_each_seed_and_prints_the_table(fer2013_csv, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setenv("FER_LIB_CACHE", str(tmp_path / "cache"))
-    csv = tmp_path / "fer2013.csv"
-    write_fer2013_csv(csv, n_per_split=(140, 35, 35), seed=0)
+    csv = fer2013_csv((140, 35, 35))
     out = tmp_path / "runs"
     assert main(["--recipe", "fast_cpu", "--seeds", "0", "1", "--epochs", "1",
                  "--max-steps-per-epoch", "2", "--data", str(csv), "--out", str(out)]) == 0
