@@ -267,16 +267,24 @@ def seed_style_curve(data, *, seconds: float, model: str = "exp3_cnn", batch_siz
                             max_steps_per_epoch=max_steps_per_epoch, seed=seed).curve
 
 
-def _engine_step(model, images, labels, batch_size, config_kwargs, chunk: int = 8):
+def _device_engine(model, config, images, labels, steps_per_epoch: int):
+    """(engine, setup, images, labels): fit's Engine on the config's device, the data there."""
     from fer_lib.device import resolve_device
-    from fer_lib.training import Engine, TrainConfig, steps_per_epoch
+    from fer_lib.training import Engine
+
+    setup = resolve_device(config.device, config.precision, config.channels_last, compile=config.compile, model=model)
+    engine = Engine(model, config, setup, steps_per_epoch)
+    x = torch.as_tensor(np.asarray(images)).to(setup.device)
+    y = torch.as_tensor(np.asarray(labels)).long().to(setup.device)
+    return engine, setup, x, y
+
+
+def _engine_step(model, images, labels, batch_size, config_kwargs, chunk: int = 8):
+    from fer_lib.training import TrainConfig, steps_per_epoch
 
     config = TrainConfig(batch_size=batch_size, lr=1e-3, optimizer="adam", augment="exp3", progress=False,
                          **config_kwargs)
-    setup = resolve_device(config.device, config.precision, config.channels_last, compile=config.compile, model=model)
-    engine = Engine(model, config, setup, steps_per_epoch(len(labels), batch_size))
-    x = torch.as_tensor(images).to(setup.device)
-    y = torch.as_tensor(labels).long().to(setup.device)
+    engine, setup, x, y = _device_engine(model, config, images, labels, steps_per_epoch(len(labels), batch_size))
     generator = torch.Generator().manual_seed(0)
     order_gen = torch.Generator().manual_seed(0)
     # chunk: steps per call (default 8); the per-call sync is what fit pays once per epoch
@@ -618,21 +626,15 @@ def training_estimate(model, train, config, *, epochs: float, seconds: float = 2
     """
     from dataclasses import replace
 
-    from fer_lib.device import machine_description, resolve_device
-    from fer_lib.training import Engine
+    from fer_lib.device import machine_description
 
     config = replace(config, progress=False, checkpoint_every_epoch=False)
-    model = copy.deepcopy(model)
-    setup = resolve_device(config.device, config.precision, config.channels_last,
-                           compile=config.compile, model=model)
     batch = config.batch_size
     n = min(len(train.labels), batch * 8)
-    x = torch.as_tensor(np.asarray(train.images[:n])).to(setup.device)
-    y = torch.as_tensor(np.asarray(train.labels[:n])).long().to(setup.device)
-    # A throwaway engine whose schedule is long enough for the timed steps (a one-cycle
-    # schedule sized for a tiny training set would run out after a step or two).
-    engine = Engine(model, config, setup,
-                     steps_per_epoch=max(len(train.labels) // batch, max_steps + 4))
+    # A throwaway engine on a copy of the model whose schedule is long enough for the timed
+    # steps (a one-cycle schedule sized for a tiny training set would run out after a step or two).
+    engine, setup, x, y = _device_engine(copy.deepcopy(model), config, train.images[:n], train.labels[:n],
+                                         max(len(train.labels) // batch, max_steps + 4))
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.arange(n, device=setup.device)
     engine.train_epoch(0, x, y, None, order, generator, max_steps=1)  # warm-up step
