@@ -19,7 +19,10 @@ the gradient's size independent of T, as in the paper.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,8 @@ from torch import Tensor, nn
 from fer_lib.evaluation import ensemble_probs
 from fer_lib.inference import predict_logits
 
-__all__ = ["load_teachers", "teacher_probs", "check_soft_targets", "temper", "distillation_loss"]
+__all__ = ["load_teachers", "teacher_probs", "teacher_targets", "check_soft_targets", "temper",
+           "distillation_loss"]
 
 
 def load_teachers(run_dirs: Sequence[str | os.PathLike]) -> list[nn.Module]:
@@ -50,13 +54,64 @@ def load_teachers(run_dirs: Sequence[str | os.PathLike]) -> list[nn.Module]:
 
 
 def teacher_probs(teachers: Sequence[nn.Module], images_uint8: Any, *, tta: str = "flip",
-                  batch_size: int = 512, precision: str = "fp32") -> Tensor:
-    """Soft targets (N, C): the teachers' average softmax on uint8 faces (each with `tta`)."""
+                  batch_size: int = 512, precision: str = "fp32", progress: bool = False) -> Tensor:
+    """Soft targets (N, C): the teachers' average softmax on uint8 faces (each with `tta`).
+
+    progress: print a line as each teacher finishes (the pass takes minutes on a CPU).
+    """
     if not teachers:
         raise ValueError("teacher_probs needs at least one teacher")
-    logits = [predict_logits(teacher, images_uint8, tta=tta, batch_size=batch_size, precision=precision)
-              for teacher in teachers]
+    logits = []
+    for index, teacher in enumerate(teachers, 1):
+        started = time.perf_counter()
+        logits.append(predict_logits(teacher, images_uint8, tta=tta, batch_size=batch_size, precision=precision))
+        if progress:
+            print(f"teacher {index}/{len(teachers)}: {logits[-1].shape[0]:,} faces ({tta} TTA) in "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
     return ensemble_probs(logits)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def teacher_targets(run_dirs: Sequence[str | os.PathLike], images_uint8: Any, *, tta: str = "flip",
+                    batch_size: int = 512, precision: str = "fp32", cache: str | os.PathLike | None = None,
+                    progress: bool = True) -> Tensor:
+    """Soft targets of finished run folders' best models (`load_teachers` + `teacher_probs`).
+
+    cache: a file for the targets. When it holds targets of the same teachers (sha256 of each
+    best.pt), the same faces (sha256 of their bytes), TTA and precision, they are read back
+    instead of running the teachers again; otherwise they are computed and the file is
+    (re)written atomically. An unreadable cache file is recomputed with a warning: it holds
+    nothing that cannot be made again.
+    """
+    images = torch.as_tensor(images_uint8)
+    key = {"teachers": [_sha256((Path(run_dir) / "best.pt").read_bytes()) if (Path(run_dir) / "best.pt").is_file()
+                        else None for run_dir in run_dirs],
+           "images": _sha256(images.contiguous().numpy().tobytes()), "shape": list(images.shape),
+           "tta": tta, "precision": precision}
+    cache = Path(cache) if cache is not None else None
+    if cache is not None and cache.exists():
+        try:
+            saved = torch.load(cache, map_location="cpu", weights_only=True)
+            found = saved["key"] == key
+        except Exception as exc:  # a foreign or damaged file: recompute, keep going
+            warnings.warn(f"{cache}: not a readable soft-target cache ({type(exc).__name__}); recomputing",
+                          stacklevel=2)
+            found = False
+        if found:
+            if progress:
+                print(f"soft targets read from {cache.name} (same teachers, faces and TTA)", flush=True)
+            return saved["probs"]
+    probs = teacher_probs(load_teachers(run_dirs), images, tta=tta, batch_size=batch_size, precision=precision,
+                          progress=progress)
+    if cache is not None:
+        from fer_lib.fileio import atomic_path
+
+        with atomic_path(cache) as tmp:
+            torch.save({"key": key, "probs": probs}, tmp)
+    return probs
 
 
 def check_soft_targets(soft: Any, n: int, num_classes: int) -> Tensor:

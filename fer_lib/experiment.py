@@ -117,7 +117,8 @@ def run_experiment(name: str, data: FER2013, model_name: str, config: TrainConfi
         val_eval = evaluate(fitted.model, data.val, batch_size=config.eval_batch_size, tta=tta)
         # PrivateTest is looked at once, after the epoch was chosen on PublicTest.
         test_eval = evaluate(fitted.model, data.test, batch_size=config.eval_batch_size, tta=tta)
-        seconds = time.perf_counter() - start
+        # A resumed run's seconds include the earlier calls' training (saved in last.pt).
+        seconds = time.perf_counter() - start + fitted.resumed_seconds
         val = classification_metrics(val_eval["labels"], val_eval["preds"], data.class_names)
         test = classification_metrics(test_eval["labels"], test_eval["preds"], data.class_names)
         val["loss"], test["loss"] = float(val_eval["loss"]), float(test_eval["loss"])

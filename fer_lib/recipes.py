@@ -104,6 +104,10 @@ def get_recipe(name: str) -> Recipe:
 
 # PublicTest accuracies (%) whose first crossing the time-to-accuracy table reports.
 THRESHOLDS: tuple[float, ...] = (60.0, 65.0, 68.0)
+# The per-epoch probe's points in each seed's run folder (kept for --resume).
+PROBE_FILE = "time_to_accuracy.json"
+# The teachers' soft targets, kept in the output folder (fer_lib.distill.teacher_targets).
+TEACHER_CACHE = "teacher_targets.pt"
 
 
 class BudgetExceeded(RuntimeError):
@@ -122,34 +126,56 @@ class EpochProbe:
     can take it out of wall times. deadline: a time.perf_counter() value; when the next
     epoch (as long as the last one, probe included) would end after it, the probe raises
     BudgetExceeded (not after the final epoch).
+
+    path: a JSON file the points are written to after every epoch (atomically), so that a
+    resumed run keeps the time-to-accuracy of its earlier calls: with resume=True the probe
+    starts from that file, and an epoch trained again (a run resumed from an earlier
+    checkpoint) replaces the saved points from that epoch on.
     """
 
     def __init__(self, test_split: Any, *, epochs: int, batch_size: int = 512, precision: str = "auto",
-                 deadline: float | None = None):
+                 deadline: float | None = None, path: str | Path | None = None, resume: bool = False):
         self.test, self.epochs, self.batch_size, self.precision = test_split, epochs, batch_size, precision
         self.deadline = deadline
+        self.path = Path(path) if path is not None else None
         self.points: list[dict[str, float]] = []
-        self.probe_seconds = 0.0
-        self._seconds = 0.0
         self._last_end: float | None = None
+        if resume and self.path is not None and self.path.exists():
+            try:
+                saved = json.loads(self.path.read_text())
+                keys = ("seconds", "val_accuracy", "test_accuracy", "probe_seconds")
+                self.points = [{key: float(point[key]) for key in keys} | {"epoch": int(point["epoch"])}
+                               for point in saved["points"]]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{self.path}: not a time-to-accuracy probe file ({exc})") from None
 
     def __call__(self, row: dict[str, float], model: Any) -> None:
+        from fer_lib.fileio import atomic_write_json
         from fer_lib.training import evaluate
 
         start = time.perf_counter()
-        self._seconds += float(row["seconds"])
+        epoch = int(row["epoch"])
+        self.points = [point for point in self.points if point["epoch"] < epoch]
+        before = self.points[-1] if self.points else {"seconds": 0.0, "probe_seconds": 0.0}
         test = evaluate(model, self.test, batch_size=self.batch_size, precision=self.precision)
-        self.points.append({"epoch": int(row["epoch"]), "seconds": self._seconds,
-                            "val_accuracy": 100 * float(row.get("val_accuracy", math.nan)),
-                            "test_accuracy": 100 * float(test["accuracy"])})
         end = time.perf_counter()
-        self.probe_seconds += end - start
+        self.points.append({"epoch": epoch, "seconds": before["seconds"] + float(row["seconds"]),
+                            "val_accuracy": 100 * float(row.get("val_accuracy", math.nan)),
+                            "test_accuracy": 100 * float(test["accuracy"]),
+                            "probe_seconds": before["probe_seconds"] + end - start})
+        if self.path is not None:
+            atomic_write_json(self.path, {"points": self.points})
         epoch_cost = float(row["seconds"]) if self._last_end is None else end - self._last_end
         self._last_end = end
         if (self.deadline is not None and int(row["epoch"]) < self.epochs
                 and end + epoch_cost > self.deadline):
             raise BudgetExceeded(f"stopped after epoch {int(row['epoch'])}/{self.epochs}: the next epoch "
                                  f"(~{epoch_cost:.0f} s) would pass the time budget")
+
+    @property
+    def probe_seconds(self) -> float:
+        """Seconds this probe's evaluations took, over the epochs in `points`."""
+        return self.points[-1]["probe_seconds"] if self.points else 0.0
 
     def time_to(self, threshold: float) -> tuple[float, float]:
         """(seconds, PrivateTest %) at the first epoch whose PublicTest % >= threshold; NaNs if none."""
@@ -221,11 +247,13 @@ def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
     one's wall time would not fit in what is left, and a run is stopped between epochs when
     the next epoch would pass the budget; both leave a note in summary["skipped"] (a stopped
     run's time-to-accuracy so far included) and count in no mean. resume: continue each seed
-    from its run folder's last checkpoint (a resumed run's time-to-accuracy covers only the
-    epochs trained in this call; a seed without a last checkpoint starts afresh). teachers:
+    from its run folder's last checkpoint (its wall time and time-to-accuracy include the
+    earlier calls', saved in last.pt and PROBE_FILE; a seed without a last checkpoint starts
+    afresh). teachers:
     finished run folders whose best models' flip-TTA ensemble gives every seed its soft targets
-    (fer_lib.distill; computed once, its seconds in summary["teacher_seconds"], not in any
-    seed's wall time); the recipe's distill_weight, or an override, must be > 0.
+    (fer_lib.distill; computed once and cached in out_dir/TEACHER_CACHE, its seconds in
+    summary["teacher_seconds"], not in any seed's wall time); the recipe's distill_weight, or
+    an override, must be > 0.
     """
     import pandas as pd
 
@@ -235,13 +263,14 @@ def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
     config = replace(recipe.config, **overrides)
     soft_targets, teacher_seconds = None, 0.0
     if teachers:
-        from fer_lib.distill import load_teachers, teacher_probs
+        from fer_lib.distill import teacher_targets
 
         if config.distill_weight == 0:
             raise ValueError("teachers given but distill_weight is 0: set it (e.g. --distill-weight 0.5)")
         started = time.perf_counter()
-        soft_targets = teacher_probs(load_teachers(teachers), data.train.images, tta="flip",
-                                     batch_size=config.eval_batch_size, precision=config.precision)
+        # cached beside the seeds: a second call with the same teachers skips their pass
+        soft_targets = teacher_targets(teachers, data.train.images, tta="flip", batch_size=config.eval_batch_size,
+                                       precision=config.precision, cache=Path(out_dir) / TEACHER_CACHE)
         teacher_seconds = time.perf_counter() - started
         print(f"soft targets from {len(teachers)} teachers in {teacher_seconds:.0f} s", flush=True)
     deadline = time.perf_counter() + budget_seconds if budget_seconds is not None else None
@@ -254,13 +283,15 @@ def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
                            f"{max(deadline - time.perf_counter(), 0):.0f} s left and the previous seed took "
                            f"{previous_seconds:.0f} s")
             continue
+        run_dir = Path(out_dir) / f"seed{seed}"
+        resuming = resume and (run_dir / "last.pt").exists()
         probe = EpochProbe(data.test, epochs=config.epochs, batch_size=config.eval_batch_size,
-                           precision=config.precision, deadline=deadline)
+                           precision=config.precision, deadline=deadline, path=run_dir / PROBE_FILE,
+                           resume=resuming)
         started = time.perf_counter()
         try:
-            run_dir = Path(out_dir) / f"seed{seed}"
             result = train_recipe(name, data, run_dir=run_dir, seed=seed, wandb_mode=wandb_mode,
-                                  resume=resume and (run_dir / "last.pt").exists(),
+                                  resume=resuming,
                                   on_epoch_end=probe, soft_targets=soft_targets, **overrides)
         except BudgetExceeded as stop:
             reached = ", ".join(f"{t:g}% at {probe.time_to(t)[0]:.0f} s" for t in THRESHOLDS

@@ -172,10 +172,11 @@ class FitResult:
     best_checkpoint: Path | None
     last_checkpoint: Path | None
     model: nn.Module
-    wall_seconds: float
+    wall_seconds: float  # this call
     stopped_early: bool = False
     final_metrics: dict[str, float] = field(default_factory=dict)
     setup: DeviceSetup | None = None
+    resumed_seconds: float = 0.0  # wall seconds of the earlier calls a resume continued (not in wall_seconds)
 
 
 # --------------------------------------------------------------------------------------
@@ -348,8 +349,11 @@ def _make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
     if config.scheduler == "onecycle":
         # each group peaks at its own lr (muon: conv weights and the rest differ)
         peaks = [group["lr"] for group in optimizer.param_groups]
+        # torch divides by (pct_start * total - 1): a warm-up of exactly one step (e.g. a smoke
+        # run of 2 epochs x 2 steps at pct_start 0.25) would divide by zero; take two instead.
+        pct_start = 2 / total if total > 2 and math.isclose(config.pct_start * total, 1.0) else config.pct_start
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total,
-                                                   pct_start=config.pct_start), True
+                                                   pct_start=pct_start), True
     if config.scheduler == "cosine":
         warmup = int(round(config.warmup_epochs * steps_per_epoch))
 
@@ -647,6 +651,7 @@ class _RunRecord:
     bad_epochs: int = 0
     epochs_done: int = 0
     best_state: dict[str, Tensor] | None = None  # best weights of this call, kept in memory
+    seconds_before: float = 0.0  # wall seconds of the earlier calls up to the resumed checkpoint
 
     def add(self, row: dict[str, float], eval_model: nn.Module) -> bool:
         """Append an epoch; True when it is the new best (always, without validation)."""
@@ -704,7 +709,8 @@ def _resume(engine: Engine, path: Path, config: TrainConfig, identity: dict[str,
         warnings.warn(f"resuming {path} with changed settings {changed}: the run will not match an "
                       "uninterrupted one", stacklevel=3)
     return _RunRecord(list(ckpt.get("history") or []), ckpt.get("best_epoch") or 0,
-                      ckpt.get("best_val_accuracy"), int(state.get("bad_epochs", 0)), int(ckpt["epoch"]))
+                      ckpt.get("best_val_accuracy"), int(state.get("bad_epochs", 0)), int(ckpt["epoch"]),
+                      seconds_before=float(state.get("wall_seconds", 0.0)))
 
 
 def _run_epoch(engine: Engine, data: _TrainData, epoch: int, mode: str) -> dict[str, float]:
@@ -811,7 +817,8 @@ def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None
             if improved and best_path is not None:
                 save_checkpoint(best_path, engine.eval_model, epoch=epoch, **saved)
             if last_path is not None and (config.checkpoint_every_epoch or epoch == config.epochs or stop_now):
-                train_state = {**engine.state_dict(), "bad_epochs": record.bad_epochs, "run": identity}
+                train_state = {**engine.state_dict(), "bad_epochs": record.bad_epochs, "run": identity,
+                               "wall_seconds": record.seconds_before + time.perf_counter() - wall_start}
                 save_checkpoint(last_path, engine.eval_model, epoch=epoch, train_state=train_state, **saved)
             if mode != "off":
                 print(summary_line(row, config.epochs), flush=True)
@@ -852,7 +859,8 @@ def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None
     return FitResult(history=record.history, best_epoch=record.best_epoch, best_val_accuracy=record.best_accuracy,
                      best_checkpoint=best_file,
                      last_checkpoint=last_path if last_path is not None and last_path.exists() else None,
-                     model=model, wall_seconds=wall, stopped_early=stopped_early, final_metrics=final, setup=setup)
+                     model=model, wall_seconds=wall, stopped_early=stopped_early, final_metrics=final, setup=setup,
+                     resumed_seconds=record.seconds_before)
 
 
 # --------------------------------------------------------------------------------------

@@ -133,3 +133,40 @@ def test_reproduce_distils_from_a_finished_run(fer2013_csv, tmp_path, capsys, mo
     assert saved["summary"]["teachers"] == [str(teacher)] and saved["summary"]["teacher_seconds"] > 0
     config = json.loads((tmp_path / "student" / "fast_cpu-fer2013" / "seed1" / "results.json").read_text())["config"]
     assert config["distill_weight"] == 0.5 and config["distill_temperature"] == 2.0
+    # a second student with the same teachers reads their targets from the folder's cache
+    assert (tmp_path / "student" / "fast_cpu-fer2013" / "teacher_targets.pt").is_file()
+    assert main([*smoke, "--seeds", "2", "--teacher", str(teacher), "--distill-weight", "0.5",
+                 "--out", str(tmp_path / "student")]) == 0
+    assert "soft targets read from teacher_targets.pt" in capsys.readouterr().out
+
+
+def test_teacher_targets_are_cached_per_teachers_faces_and_tta(tmp_path, monkeypatch, capsys):
+    import fer_lib.distill as distill
+
+    loaded = []
+
+    def fake_load(run_dirs):
+        loaded.append(list(run_dirs))
+        return [ConstantLogits([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0])]
+
+    monkeypatch.setattr(distill, "load_teachers", fake_load)
+    run = tmp_path / "seed0"
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"weights v1")
+    images, cache = make_images(12, seed=0)[0], tmp_path / "targets.pt"
+    first = distill.teacher_targets([run], images, cache=cache)
+    assert len(loaded) == 1 and "teacher 1/1: 12 faces (flip TTA)" in capsys.readouterr().out
+    assert torch.equal(distill.teacher_targets([run], images, cache=cache), first) and len(loaded) == 1
+    assert "soft targets read from targets.pt" in capsys.readouterr().out
+    # other faces, another TTA, or a retrained teacher (other best.pt bytes) run the teachers again
+    distill.teacher_targets([run], make_images(12, seed=1)[0], cache=cache)
+    distill.teacher_targets([run], make_images(12, seed=1)[0], cache=cache, tta="none")
+    (run / "best.pt").write_bytes(b"weights v2")
+    distill.teacher_targets([run], make_images(12, seed=1)[0], cache=cache, tta="none")
+    assert len(loaded) == 4
+    # a damaged cache is recomputed (and rewritten) with a warning naming it
+    cache.write_bytes(b"not a torch file")
+    with pytest.warns(UserWarning, match="targets.pt: not a readable soft-target cache"):
+        again = distill.teacher_targets([run], images, cache=cache)
+    assert torch.equal(again, first) and len(loaded) == 5
+    assert torch.equal(distill.teacher_targets([run], images, cache=cache), first) and len(loaded) == 5

@@ -211,3 +211,59 @@ def test_reproduce_resume_continues_seeds_that_have_a_checkpoint_and_starts_the_
     calls.clear()
     recipes.reproduce("fast_cpu", [0, 1], data, out_dir=tmp_path)
     assert calls == [(0, False), (1, False)]
+
+
+def test_epoch_probe_saves_its_points_and_a_resumed_probe_continues_them(tmp_path):
+    from fer_lib.recipes import EpochProbe
+
+    path = tmp_path / "seed0" / "time_to_accuracy.json"
+    model = _tiny_model()
+    first = EpochProbe(_tiny_split(), epochs=3, precision="fp32", path=path)
+    for epoch, seconds, val in ((1, 10.0, 0.55), (2, 12.0, 0.62)):
+        first({"epoch": epoch, "seconds": seconds, "val_accuracy": val}, model)
+    assert json.loads(path.read_text())["points"] == first.points
+    # a later call resumed from the checkpoint after epoch 2 keeps epochs 1-2 and adds 3
+    resumed = EpochProbe(_tiny_split(), epochs=3, precision="fp32", path=path, resume=True)
+    assert resumed.points == first.points and resumed.probe_seconds == first.probe_seconds
+    assert resumed.time_to(60)[0] == 22.0
+    resumed({"epoch": 3, "seconds": 11.0, "val_accuracy": 0.66}, model)
+    assert [p["seconds"] for p in resumed.points] == [10.0, 22.0, 33.0]
+    assert resumed.probe_seconds > first.probe_seconds
+    # resumed from an earlier checkpoint (after epoch 1): epoch 2 is trained again and replaces
+    # the saved epochs from 2 on, time and probe time included
+    again = EpochProbe(_tiny_split(), epochs=3, precision="fp32", path=path, resume=True)
+    again({"epoch": 2, "seconds": 20.0, "val_accuracy": 0.58}, model)
+    assert [(p["epoch"], p["seconds"]) for p in again.points] == [(1, 10.0), (2, 30.0)]
+    assert again.probe_seconds < resumed.probe_seconds
+    # without resume the file is not read: a fresh run starts from nothing
+    assert EpochProbe(_tiny_split(), epochs=3, path=path).points == []
+    path.write_text('{"points": [{"epoch": 1}]}')
+    with pytest.raises(ValueError, match="time_to_accuracy.json: not a time-to-accuracy probe file"):
+        EpochProbe(_tiny_split(), epochs=3, path=path, resume=True)
+
+
+@pytest.mark.slow
+def test_reproduce_resume_of_finished_seeds_keeps_their_wall_time_and_time_to_accuracy(
+        fer2013_csv, tmp_path, capsys, monkeypatch):
+    from fer_lib.checkpoint import load_checkpoint
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    csv = fer2013_csv((140, 35, 35))
+    out = tmp_path / "runs"
+    args = ["--recipe", "fast_cpu", "--seeds", "0", "--epochs", "2", "--max-steps-per-epoch", "2",
+            "--data", str(csv), "--out", str(out)]
+    assert main(args) == 0
+    folder = out / "fast_cpu-fer2013"
+    trained = json.loads((folder / "reproduce.json").read_text())["runs"][0]
+    train_state = load_checkpoint(folder / "seed0" / "last.pt")["train_state"]
+    assert 0 < train_state["wall_seconds"] < trained["wall_seconds"] + trained["probe_seconds"]
+    assert main(args + ["--resume"]) == 0
+    assert "resuming from seed0/last.pt" in capsys.readouterr().out
+    resumed = json.loads((folder / "reproduce.json").read_text())["runs"][0]
+    # no epoch ran again: the probe's points come from the saved file, the wall time from last.pt
+    assert resumed["probe_seconds"] == trained["probe_seconds"]
+    for key in ("s_to_60", "test_at_60", "val_accuracy", "test_accuracy", "epochs"):
+        assert resumed[key] == trained[key]
+    assert resumed["wall_seconds"] > train_state["wall_seconds"] - trained["probe_seconds"]
+    results = json.loads((folder / "seed0" / "results.json").read_text())
+    assert results["seconds"] >= round(train_state["wall_seconds"], 1)

@@ -429,3 +429,16 @@ def test_resume_refuses_another_model_or_other_data_naming_the_file(data, tmp_pa
         fit(create_model("exp1_mlp", hidden_dim=32), train, val, TrainConfig(**CFG), run_dir=tmp_path, resume=True)
     with pytest.raises(ResumeError, match=r"last\.pt was trained on other data \(training images: 128 then, 64 now\)"):
         fit("exp1_mlp", val, val, TrainConfig(**CFG), run_dir=tmp_path, resume=True)
+
+
+
+def test_one_cycle_with_a_single_warm_up_step_trains(data):
+    """2 epochs x 2 steps at pct_start 0.25: one warm-up step, which made torch's OneCycleLR
+    divide by zero; the run trains with a two-step warm-up instead."""
+    config = TrainConfig(**{**CFG, "scheduler": "onecycle", "pct_start": 0.25, "lr": 0.1,
+                            "max_steps_per_epoch": 2, "optimizer": "sgd"})
+    result = fit(tiny(), *data, config)
+    assert [row["epoch"] for row in result.history] == [1, 2]
+    # starts at peak / 25 (torch's div_factor), peaks after step 2, epoch 2 begins annealing
+    assert result.history[0]["lr"] == pytest.approx(0.1 / 25)
+    assert 0.1 / 25 < result.history[1]["lr"] < 0.1
