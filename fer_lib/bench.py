@@ -3,6 +3,7 @@
     python -m fer_lib.bench [--model exp3_cnn] [--seconds 20] [--batch-size 64] [--json]
     python -m fer_lib.bench --peak-models exp3_cnn fernet_small resnet18_48 [--peak-size 2048]
     python -m fer_lib.bench --compare-precision [--epochs 2] [--images 6000]
+    python -m fer_lib.bench --inference --peak-models fernet_small fernet [--precision fp32]
 
 Three ways to train the same model (same initial weights, Adam lr 1e-3, flip + rotation 10)
 measured side by side in one process, in training images per second:
@@ -27,6 +28,11 @@ as the machine's practical peak, then each model's training images/s (engine and
 paths). Achieved training FLOP/s = images/s x 3 x forward FLOPs of one 1x48x48 image
 (`torch.utils.flop_counter.FlopCounterMode`; backward ~ 2x forward). The fraction
 achieved / peak says how much of the hardware a model's training step uses.
+
+Inference (`--inference`): `fer_lib.inference.predict_logits` (what evaluation, the
+per-epoch probes, the distillation teachers and the photo predictor run) on the same images
+with the model's weights in contiguous and in channels_last memory format, images/s per
+model; predict_logits uses channels_last for conv nets.
 """
 from __future__ import annotations
 
@@ -44,7 +50,8 @@ import torch
 from torch import nn
 
 __all__ = ["run_bench", "compare_precision", "seed_style_curve", "seed_style_train", "SeedStyleRun",
-           "training_flops_per_image", "matmul_peak", "peak_fraction", "peak_table", "main"]
+           "training_flops_per_image", "matmul_peak", "peak_fraction", "peak_table", "inference_throughput",
+           "main"]
 
 
 class _SeedStyleDataset(torch.utils.data.Dataset):
@@ -515,6 +522,49 @@ def peak_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def inference_throughput(models: list[str], *, n_images: int = 2048, batch_size: int = 512,
+                         device: str = "auto", precision: str = "auto", rounds: int = 3, seed: int = 0,
+                         verbose: bool = True) -> dict[str, Any]:
+    """predict_logits' images/s per model with its weights contiguous vs channels_last.
+
+    Generated faces, tta "none", interleaved rounds (best round per path). Each row also holds
+    the largest logit difference between the two paths and whether their predicted classes
+    agree (same weights: only the kernels differ).
+    """
+    from fer_lib.device import resolve_device
+    from fer_lib.inference import predict_logits
+    from fer_lib.models import create_model
+    from fer_lib.synthetic import make_images
+
+    images = torch.from_numpy(make_images(n_images, seed=seed)[0])
+    rows = []
+    for name in models:
+        torch.manual_seed(seed)
+        net = create_model(name).eval()
+        setups = {fmt: resolve_device(device, precision, channels_last=fmt == "channels_last", model=net)
+                  for fmt in ("contiguous", "channels_last")}
+        best: dict[str, float] = {}
+        logits = {}
+        for _ in range(rounds):
+            for fmt, setup in setups.items():
+                net.to(setup.device, memory_format=setup.memory_format())
+                predict_logits(net, images[:batch_size], batch_size=batch_size, setup=setup)  # warm-up
+                start = time.perf_counter()
+                logits[fmt] = predict_logits(net, images, batch_size=batch_size, setup=setup)
+                best[fmt] = max(best.get(fmt, 0.0), n_images / (time.perf_counter() - start))
+        row = {"model": name, "precision": setups["contiguous"].precision,
+               **{f"{fmt}_img_s": round(value, 1) for fmt, value in best.items()},
+               "speedup": round(best["channels_last"] / best["contiguous"], 2),
+               "max_logit_diff": float((logits["contiguous"] - logits["channels_last"]).abs().max()),
+               "same_predictions": bool((logits["contiguous"].argmax(1) == logits["channels_last"].argmax(1))
+                                        .float().mean() >= 0.99)}
+        rows.append(row)
+        if verbose:
+            print(f"{name} ({row['precision']}): contiguous {row['contiguous_img_s']:,.0f} img/s, channels_last "
+                  f"{row['channels_last_img_s']:,.0f} img/s ({row['speedup']:.2f}x)", flush=True)
+    return {"inference": rows, "images": n_images, "batch_size": batch_size, "torch": str(torch.__version__)}
+
+
 def compare_precision(model: str = "exp3_cnn", *, precisions: tuple[str, ...] = ("fp32", "bf16"),
                       epochs: int = 2, n_images: int | None = 6000, batch_size: int = 64,
                       data_path: str | None = None, device: str = "auto", seed: int = 0,
@@ -580,7 +630,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--peak-size", type=int, default=None,
                         help="side of the peak matmul (default 2048 on CPU, 8192 on CUDA; --quick 256)")
     parser.add_argument("--no-peak", action="store_true", help="skip the matmul peak and the fraction table")
+    parser.add_argument("--inference", action="store_true",
+                        help="instead: predict_logits images/s with contiguous vs channels_last weights "
+                             "for --peak-models (default --model and the fast_cpu recipe's model)")
     args = parser.parse_args(argv)
+    if args.inference:
+        from fer_lib.recipes import get_recipe
+
+        models = list(dict.fromkeys(args.peak_models or [args.model, get_recipe("fast_cpu").model]))
+        result = inference_throughput(models, n_images=args.images or (256 if args.quick else 2048),
+                                      batch_size=64 if args.quick else 512, device=args.device,
+                                      precision=args.precision, rounds=1 if args.quick else args.rounds,
+                                      verbose=not args.json)
+        print(json.dumps(result), flush=True)
+        return result
     if args.compare_precision:
         result = compare_precision(args.model, epochs=args.epochs, batch_size=args.batch_size,
                                    n_images=args.images if args.images is not None else 6000,

@@ -72,3 +72,17 @@ def test_compare_precision_runs_each_precision_on_the_same_start(fer2013_csv, mo
                                     max_steps_per_epoch=2, verbose=False)
     first, second = twice["runs"]
     assert (first["val_accuracy"], first["last_train_loss"]) == (second["val_accuracy"], second["last_train_loss"])
+
+
+def test_inference_bench_times_both_memory_formats_and_they_agree(capsys):
+    from fer_lib.bench import main
+
+    result = main(["--inference", "--quick", "--peak-models", "fernet_small", "exp1_mlp", "--precision", "fp32"])
+    printed = capsys.readouterr().out
+    assert json.loads(printed.strip().splitlines()[-1]) == result
+    assert [row["model"] for row in result["inference"]] == ["fernet_small", "exp1_mlp"]
+    for row in result["inference"]:
+        assert row["contiguous_img_s"] > 0 and row["channels_last_img_s"] > 0
+        # same weights in fp32: only the kernels differ, so the logits nearly match
+        assert row["same_predictions"] and row["max_logit_diff"] < 1e-3
+    assert "fernet_small (fp32): contiguous" in printed
