@@ -76,6 +76,9 @@ ABLATIONS: tuple[Ablation, ...] = (
              tta="tencrop", crop_size=40, tta_only="crop40"),
     Ablation("progressive_40_48", "progressive resizing: 40x40 crops for the first half of the "
              "epochs, then the recipe's 48x48 augmentation", config={"augment_early": [FLIP, CROP40]}),
+    # its 40x40 epochs cost ~31% less: on about the base's time it can train a quarter longer
+    Ablation("progressive_40_48_x1.25", "progressive_40_48 for 1.25x the epochs (about the base's time)",
+             config={"augment_early": [FLIP, CROP40]}, epochs_factor=1.25),
     Ablation("muon", "Muon (orthogonalised momentum, lr 0.03) for the conv weights; SGD for the rest",
              config={"optimizer": "muon"}),
     Ablation("muon_lr_0.015", "muon at half its lr (0.015)", config={"optimizer": "muon", "muon_lr": 0.015}),
