@@ -318,7 +318,9 @@ def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
                "probe_seconds"] + [f"{k}_{t:g}" for t in THRESHOLDS for k in ("s_to", "test_at")]
     table = pd.DataFrame(rows, columns=columns)
     summary: dict[str, Any] = {"recipe": name, "seeds": [int(r["seed"]) for r in rows],
-                               "machine": machine_description(), "skipped": skipped, "curves": curves}
+                               "machine": machine_description(), "skipped": skipped, "curves": curves,
+                               "overrides": {key: value for key, value in config.to_dict().items()
+                                             if value != recipe.config.to_dict()[key]}}
     if teachers:
         summary["teachers"] = [str(teacher) for teacher in teachers]
         summary["teacher_seconds"] = teacher_seconds
@@ -367,8 +369,9 @@ def summary_markdown(table, summary: dict[str, Any], labels: str = "fer2013") ->
 
     acc, f1, sec = summary["test_accuracy"], summary["test_macro_f1"], summary["wall_seconds"]
     main_columns = ["seed", "val_accuracy", "test_accuracy", "test_macro_f1", "wall_seconds", "epochs", "device"]
+    changed = ", ".join(f"{key}={value}" for key, value in summary.get("overrides", {}).items())
     lines = [f"recipe {summary['recipe']} ({get_recipe(summary['recipe']).description}); "
-             f"labels {labels}", f"machine: {summary['machine']}", "",
+             f"labels {labels}" + (f"; changed: {changed}" if changed else ""), f"machine: {summary['machine']}", "",
              to_markdown(table[main_columns], floatfmt=".2f"), "",
              f"PrivateTest accuracy {acc['mean']:.2f} +- {acc['std']:.2f} %, macro-F1 "
              f"{f1['mean']:.2f} +- {f1['std']:.2f} %, wall {sec['mean']:.0f} +- {sec['std']:.0f} s "
@@ -402,6 +405,27 @@ def summary_line_json(summary: dict[str, Any]) -> dict[str, Any]:
                         "skipped": summary.get("skipped", [])})
 
 
+def parse_settings(settings: list[str]) -> dict[str, Any]:
+    """--set FIELD=VALUE items as TrainConfig overrides (VALUE as JSON, else text); one error
+    naming the item for a malformed one or a field TrainConfig does not have."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(TrainConfig)}
+    overrides: dict[str, Any] = {}
+    for item in settings:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE, e.g. optimizer=muon")
+        if key not in known:
+            raise ValueError(f"--set {item!r}: TrainConfig has no field {key!r}")
+        try:
+            overrides[key] = json.loads(text)
+        except ValueError:
+            overrides[key] = text
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fer_lib reproduce",
                                      description="Train a named recipe for N seeds and print "
@@ -424,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distill-weight", type=float, default=None,
                         help="weight of the distillation loss (0..1; with --teacher)")
     parser.add_argument("--distill-temperature", type=float, default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="settings",
+                        help="change one TrainConfig field of the recipe (repeatable), e.g. --set "
+                             "optimizer=muon --set muon_lr=0.03; VALUE is read as JSON, else as text")
     parser.add_argument("--out", default="runs/reproduce")
     parser.add_argument("--wandb-mode", default=None, choices=["online", "offline", "disabled"])
     args = parser.parse_args(argv)
@@ -439,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("distill_weight", "distill_temperature"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
+    overrides.update(parse_settings(args.settings))
     out = Path(args.out) / f"{args.recipe}-{args.labels}"
     run = reproduce(args.recipe, args.seeds, data, out_dir=out, wandb_mode=args.wandb_mode,
                     budget_seconds=args.budget_seconds, resume=args.resume,

@@ -23,19 +23,26 @@ def test_reproduce_command_trains_each_seed_and_prints_the_table(fer2013_csv, tm
     csv = fer2013_csv((140, 35, 35))
     out = tmp_path / "runs"
     assert main(["--recipe", "fast_cpu", "--seeds", "0", "1", "--epochs", "1",
-                 "--max-steps-per-epoch", "2", "--data", str(csv), "--out", str(out)]) == 0
+                 "--max-steps-per-epoch", "2", "--set", "label_smoothing=0.2", "--data", str(csv),
+                 "--out", str(out)]) == 0
     printed = capsys.readouterr().out
+    # what differs from the recipe is said on the report's first line and kept in the JSON
     assert "PrivateTest accuracy" in printed and "+-" in printed and "over 2 seeds" in printed
     saved = json.loads((out / "fast_cpu-fer2013" / "reproduce.json").read_text())
     assert [r["seed"] for r in saved["runs"]] == [0, 1]
     assert 0 <= saved["summary"]["test_accuracy"]["mean"] <= 100
     assert (out / "fast_cpu-fer2013" / "seed1" / "results.json").exists()
+    assert saved["summary"]["overrides"] == {"epochs": 1, "label_smoothing": 0.2, "max_steps_per_epoch": 2}
+    config = json.loads((out / "fast_cpu-fer2013" / "seed1" / "results.json").read_text())["config"]
+    assert config["label_smoothing"] == 0.2
     ensemble = saved["summary"]["ensemble"]
     assert ensemble["members"] == 2 and 0 <= ensemble["test_accuracy"] <= 100
     assert "Ensemble of the 2 seeds" in printed
     # the markdown report is what was printed, kept beside the JSON for the README
     report = (out / "fast_cpu-fer2013" / "reproduce.md").read_text()
     assert report.strip() in printed and "machine:" in report
+    # what differs from the recipe is said on the report's first line
+    assert report.splitlines()[0].endswith("; changed: epochs=1, label_smoothing=0.2, max_steps_per_epoch=2")
     # time to accuracy: one row per seed, '-' where a threshold was never reached
     assert "| seed | s to 60% | PrivateTest @60 | s to 65%" in report
     for run in saved["runs"]:
@@ -267,3 +274,14 @@ def test_reproduce_resume_of_finished_seeds_keeps_their_wall_time_and_time_to_ac
     assert resumed["wall_seconds"] > train_state["wall_seconds"] - trained["probe_seconds"]
     results = json.loads((folder / "seed0" / "results.json").read_text())
     assert results["seconds"] >= round(train_state["wall_seconds"], 1)
+
+
+def test_set_reads_json_values_and_names_a_bad_item():
+    from fer_lib.recipes import parse_settings
+
+    assert parse_settings(["optimizer=muon", "muon_lr=0.03", "nesterov=false", "augment_early=null"]) == {
+        "optimizer": "muon", "muon_lr": 0.03, "nesterov": False, "augment_early": None}
+    with pytest.raises(ValueError, match="--set 'lr': expected FIELD=VALUE"):
+        parse_settings(["lr"])
+    with pytest.raises(ValueError, match="--set 'learning_rate=0.1': TrainConfig has no field 'learning_rate'"):
+        parse_settings(["learning_rate=0.1"])
