@@ -119,7 +119,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-@torch.inference_mode()
 def predict_logits(model: nn.Module, images_uint8: Any, *, tta: str = "none", batch_size: int = 512,
                    device: str | torch.device | None = None, precision: str = "fp32",
                    setup: DeviceSetup | None = None, mean: Stat = MEAN, std: Stat = STD,
@@ -144,6 +143,8 @@ def predict_logits(model: nn.Module, images_uint8: Any, *, tta: str = "none", ba
     if setup is None:
         setup = resolve_device(_model_device(model) if device is None else device, precision=precision,
                                model=model)
+        # Outside inference mode: parameters re-made inside it (a move to another device or
+        # memory format) would be inference tensors, and the model could not be trained again.
         model.to(setup.device, memory_format=setup.memory_format())
     prepare = dict(mean=mean, std=std, input_size=input_size, in_chans=in_chans)
     fill = float(to_model_input(torch.zeros(1, 1, 1, 1, dtype=torch.uint8), **{**prepare, "input_size": None})
@@ -152,17 +153,18 @@ def predict_logits(model: nn.Module, images_uint8: Any, *, tta: str = "none", ba
     model.eval()
     out = []
     try:
-        for start in range(0, images.shape[0], batch_size):
-            # uint8 crosses to the device (4x fewer bytes than float), then is normalised there
-            batch = to_model_input(images[start:start + batch_size].to(setup.device, non_blocking=True), **prepare)
-            batch = batch.contiguous(memory_format=setup.memory_format())
-            with setup.autocast():
-                if tta == "none":
-                    out.append(model(batch).float().cpu())
-                    continue
-                views = tta_views(batch, tta, crop_size=crop_size, shift=shift, fill=fill)
-                probs = sum(torch.softmax(model(view).float(), dim=1) for view in views) / len(views)
-            out.append(torch.log(probs.clamp_min(1e-12)).cpu())
+        with torch.inference_mode():
+            for start in range(0, images.shape[0], batch_size):
+                # uint8 crosses to the device (4x fewer bytes than float), then is normalised there
+                batch = to_model_input(images[start:start + batch_size].to(setup.device, non_blocking=True), **prepare)
+                batch = batch.contiguous(memory_format=setup.memory_format())
+                with setup.autocast():
+                    if tta == "none":
+                        out.append(model(batch).float().cpu())
+                        continue
+                    views = tta_views(batch, tta, crop_size=crop_size, shift=shift, fill=fill)
+                    probs = sum(torch.softmax(model(view).float(), dim=1) for view in views) / len(views)
+                out.append(torch.log(probs.clamp_min(1e-12)).cpu())
     finally:
         model.train(was_training)
     if not out:

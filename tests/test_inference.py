@@ -126,3 +126,23 @@ def test_tta_default_preprocess_is_the_training_normalisation():
     images = _images(n=3)
     out = predict_logits(model, images, tta="none")
     torch.testing.assert_close(out, model(augment.to_float(images)).detach())
+
+
+def test_a_model_predicted_with_can_still_be_trained():
+    """predict_logits moves a contiguous conv net to channels_last: outside inference mode, so
+    the re-made parameters are ordinary tensors that autograd can train (08's ladder did this)."""
+    from fer_lib.models import create_model
+    from fer_lib.synthetic import make_images
+    from fer_lib.training import TrainConfig, fit
+
+    torch.manual_seed(0)
+    model = create_model("fernet_small")
+    images, labels = make_images(32, seed=0)
+    predict_logits(model, images, precision="fp32")
+    assert model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not any(p.is_inference() for p in model.parameters())
+    config = TrainConfig(epochs=1, batch_size=16, lr=0.05, optimizer="sgd", progress=False,
+                         checkpoint_every_epoch=False, precision="fp32", device="cpu")
+    before = model.stem[0].weight.detach().clone()
+    fit(model, (images, labels), None, config)
+    assert not torch.equal(model.stem[0].weight.detach(), before)
