@@ -761,9 +761,11 @@ def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None
     resume: True (run_dir/last.pt) or a checkpoint path: continue that run to config.epochs.
         The model, the training data and (for one-cycle/cosine) the schedule's length must
         match the saved run, else ResumeError before any training.
-    on_epoch_end: called as on_epoch_end(row, model) after each epoch is logged (row: a copy), with the
-        model that epoch would be kept as (EMA weights when EMA is on); it may evaluate, must not
-        train, and may raise to stop the run (e.g. fer_lib.recipes' time budget).
+    on_epoch_end: called as on_epoch_end(row, model) after each epoch (row: a copy), with the
+        model that epoch would be kept as (EMA weights when EMA is on), before that epoch's
+        last.pt is written; it may evaluate, must not train, and may raise an Exception to stop
+        the run (e.g. fer_lib.recipes' time budget): the epoch's last.pt is written, then it
+        propagates.
     soft_targets: (N, C) probabilities per training image (fer_lib.distill.teacher_probs), used
         when config.distill_weight > 0.
     Returns FitResult with the model holding the best (EMA if enabled) weights.
@@ -816,16 +818,26 @@ def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None
                      "best_val_accuracy": record.best_accuracy, **meta}
             if improved and best_path is not None:
                 save_checkpoint(best_path, engine.eval_model, epoch=epoch, **saved)
-            if last_path is not None and (config.checkpoint_every_epoch or epoch == config.epochs or stop_now):
+            if mode != "off":
+                print(summary_line(row, config.epochs), flush=True)
+            # The callback runs before last.pt is written, so a resume never starts after an
+            # epoch the callback did not finish (e.g. a probe that keeps per-epoch records); an
+            # exception it raises to stop the run still leaves this epoch's last.pt.
+            stop_by_callback = None
+            if on_epoch_end is not None:
+                try:
+                    on_epoch_end(dict(row), engine.eval_model)
+                except Exception as exc:  # noqa: BLE001 - re-raised below, after the checkpoint
+                    stop_by_callback = exc
+            if last_path is not None and (config.checkpoint_every_epoch or epoch == config.epochs or stop_now
+                                          or stop_by_callback is not None):
                 train_state = {**engine.state_dict(), "bad_epochs": record.bad_epochs, "run": identity,
                                "wall_seconds": record.seconds_before + time.perf_counter() - wall_start}
                 save_checkpoint(last_path, engine.eval_model, epoch=epoch, train_state=train_state, **saved)
-            if mode != "off":
-                print(summary_line(row, config.epochs), flush=True)
             if tracker is not None:
                 tracker.log(dict(row), step=epoch)
-            if on_epoch_end is not None:
-                on_epoch_end(dict(row), engine.eval_model)
+            if stop_by_callback is not None:
+                raise stop_by_callback
             if stop_now:
                 stopped_early = True
                 if mode != "off":

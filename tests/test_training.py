@@ -442,3 +442,23 @@ def test_one_cycle_with_a_single_warm_up_step_trains(data):
     # starts at peak / 25 (torch's div_factor), peaks after step 2, epoch 2 begins annealing
     assert result.history[0]["lr"] == pytest.approx(0.1 / 25)
     assert 0.1 / 25 < result.history[1]["lr"] < 0.1
+
+
+def test_on_epoch_end_runs_before_last_checkpoint_and_its_stop_keeps_the_epoch(data, tmp_path):
+    """A resume never starts after an epoch whose callback did not finish; an exception the
+    callback raises to stop the run propagates, with that epoch's last.pt written."""
+    seen = []
+
+    class Stop(RuntimeError):
+        pass
+
+    def callback(row, model):
+        last = tmp_path / "last.pt"
+        seen.append(load_checkpoint(last)["epoch"] if last.exists() else None)
+        if row["epoch"] == 2:
+            raise Stop("budget")
+
+    with pytest.raises(Stop, match="budget"):
+        fit(tiny(), *data, TrainConfig(**{**CFG, "epochs": 3}), run_dir=tmp_path, on_epoch_end=callback)
+    assert seen == [None, 1]
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
