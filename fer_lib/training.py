@@ -827,7 +827,7 @@ def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None
             if on_epoch_end is not None:
                 try:
                     on_epoch_end(dict(row), engine.eval_model)
-                except Exception as exc:  # noqa: BLE001 - re-raised below, after the checkpoint
+                except Exception as exc:  # re-raised below, after the checkpoint
                     stop_by_callback = exc
             if last_path is not None and (config.checkpoint_every_epoch or epoch == config.epochs or stop_now
                                           or stop_by_callback is not None):
