@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fer_lib.evaluation import ensemble_probs
+from fer_lib.fileio import atomic_path, sha256_file
 from fer_lib.inference import predict_logits
 
 __all__ = ["load_teachers", "teacher_probs", "teacher_targets", "check_soft_targets", "temper",
@@ -71,10 +72,6 @@ def teacher_probs(teachers: Sequence[nn.Module], images_uint8: Any, *, tta: str 
     return ensemble_probs(logits)
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def teacher_targets(run_dirs: Sequence[str | os.PathLike], images_uint8: Any, *, tta: str = "flip",
                     batch_size: int = 512, precision: str = "fp32", cache: str | os.PathLike | None = None,
                     progress: bool = True) -> Tensor:
@@ -87,9 +84,9 @@ def teacher_targets(run_dirs: Sequence[str | os.PathLike], images_uint8: Any, *,
     nothing that cannot be made again.
     """
     images = torch.as_tensor(images_uint8)
-    key = {"teachers": [_sha256((Path(run_dir) / "best.pt").read_bytes()) if (Path(run_dir) / "best.pt").is_file()
+    key = {"teachers": [sha256_file(Path(run_dir) / "best.pt") if (Path(run_dir) / "best.pt").is_file()
                         else None for run_dir in run_dirs],
-           "images": _sha256(images.contiguous().numpy().tobytes()), "shape": list(images.shape),
+           "images": hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest(), "shape": list(images.shape),
            "tta": tta, "precision": precision}
     cache = Path(cache) if cache is not None else None
     if cache is not None and cache.exists():
@@ -107,8 +104,6 @@ def teacher_targets(run_dirs: Sequence[str | os.PathLike], images_uint8: Any, *,
     probs = teacher_probs(load_teachers(run_dirs), images, tta=tta, batch_size=batch_size, precision=precision,
                           progress=progress)
     if cache is not None:
-        from fer_lib.fileio import atomic_path
-
         with atomic_path(cache) as tmp:
             torch.save({"key": key, "probs": probs}, tmp)
     return probs

@@ -1,4 +1,4 @@
-"""Writing files so that nothing is lost or half-written; plain data for JSON; the git revision.
+"""Writing files so that nothing is lost or half-written; file digests; plain data for JSON; the git revision.
 
 Every file fer_lib writes (checkpoints, weights, results, ONNX models, the data cache) goes
 through `atomic_path`: the writer fills a temporary file in the target's folder, which is then
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["WriteError", "atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "safe_filename", "to_jsonable", "git_revision", "git_dirty"]
+           "safe_filename", "sha256_file", "to_jsonable", "git_revision", "git_dirty"]
 
 # Longest name safe_filename returns, in UTF-8 bytes: file systems allow 255 bytes per name, and
 # callers append suffixes such as "_annotated.png" or ".csv".
@@ -182,6 +182,15 @@ def safe_filename(name: str) -> str:
         head = cleaned.encode("utf-8")[:MAX_FILENAME_BYTES - 9].decode("utf-8", "ignore")
         cleaned = f"{head.rstrip('.- ')}-{digest}"
     return cleaned or "unnamed"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB chunks (checkpoints need not fit twice in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _write_and_sync(tmp: Path, data: bytes) -> None:

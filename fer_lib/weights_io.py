@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -42,7 +41,15 @@ import torch
 from torch import nn
 
 from fer_lib.checkpoint import state_mismatch
-from fer_lib.fileio import atomic_path, atomic_write_json, git_dirty, git_revision, safe_filename, to_jsonable
+from fer_lib.fileio import (
+    atomic_path,
+    atomic_write_json,
+    git_dirty,
+    git_revision,
+    safe_filename,
+    sha256_file,
+    to_jsonable,
+)
 
 FORMAT = "fer_lib.weights"
 FORMAT_VERSION = 1
@@ -134,14 +141,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _resolve_target(dir_or_path: str | os.PathLike, model_name: str) -> Path:
     path = Path(dir_or_path)
     if path.suffix == ".safetensors":
@@ -184,7 +183,7 @@ def save_weights(dir_or_path: str | os.PathLike, model: nn.Module, *, model_name
     with atomic_path(target) as tmp_weights:
         save_file(state, str(tmp_weights), metadata=header)
         metadata["weights_file"] = target.name
-        metadata["weights_sha256"] = _sha256(tmp_weights)
+        metadata["weights_sha256"] = sha256_file(tmp_weights)
         atomic_write_json(target.with_suffix(".json"), metadata, sort_keys=True)
     return target
 
@@ -431,7 +430,7 @@ def load_weights(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     weights_path = _existing_weights(path)
     metadata = read_metadata(path)
     expected_hash = metadata.get("weights_sha256")
-    if check_hash and expected_hash and _sha256(weights_path) != expected_hash:
+    if check_hash and expected_hash and sha256_file(weights_path) != expected_hash:
         raise WeightsError(f"{weights_path}: sha256 differs from the one recorded in its .json: "
                            "the two files come from different saves")
     # Names and shapes first, on a model that allocates nothing: a kwarg that would build a

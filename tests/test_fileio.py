@@ -158,3 +158,15 @@ def test_a_full_disk_inside_torch_save_is_one_write_error_naming_the_checkpoint(
         checkpoint.save_checkpoint(path, model, epoch=2)
     assert str(info.value) == f"cannot write {path}: no space left on the device"
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_sha256_file_matches_hashlib_across_chunk_boundaries(tmp_path):
+    import hashlib
+
+    # a little over two 1 MiB chunks, so the chunked read must join three pieces
+    data = np.random.default_rng(0).integers(0, 256, (2 << 20) + 7, dtype=np.uint8).tobytes()
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    assert fileio.sha256_file(path) == hashlib.sha256(data).hexdigest()
+    (tmp_path / "empty").write_bytes(b"")
+    assert fileio.sha256_file(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
