@@ -10,7 +10,9 @@ the bench and evaluation agree. Measured with torch 2.14.1:
   machine), so "auto" keeps fp32 there; channels_last + fused Adam still help (0.25 s vs
   0.32 s for contiguous + default Adam).
 - torch.compile on that CPU: 40 s to compile exp3_cnn's training step, then 0.75-0.9x the
-  eager speed, hence compile is honoured on CUDA only.
+  eager speed. On a 2-core Xeon with avx512_bf16 + AMX (bf16 autocast, channels_last, batch
+  128): 57 s to compile fernet_small's step, then 0.66x the eager speed (741 vs 1,130 img/s).
+  Hence compile is honoured on CUDA only.
 """
 from __future__ import annotations
 
