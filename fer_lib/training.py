@@ -253,11 +253,12 @@ def _prepare_data(train: Any, val: Any, config: TrainConfig, class_names: Sequen
         raise ValueError(f"TrainConfig.distill_weight={config.distill_weight} needs fit(soft_targets=...) "
                          "(fer_lib.distill.teacher_probs on the training images)")
     if soft_targets is not None:
-        if config.distill_weight == 0:
-            warnings.warn("soft targets given with TrainConfig.distill_weight=0: they are not used", stacklevel=3)
         if config.upsample:
             raise ValueError("soft targets follow the training rows; upsample copies rows, so use one or the other")
         soft = check_soft_targets(soft_targets, train_y.numel(), num_classes).to(device)
+        if config.distill_weight == 0:  # checked, then dropped: the loss would weigh them by 0
+            warnings.warn("soft targets given with TrainConfig.distill_weight=0: they are not used", stacklevel=3)
+            soft = None
     if config.upsample:
         up_x, up_y, up_flags = upsample_to_max(train_x.numpy(), train_y.numpy(), config.seed)
         train_x, train_y = torch.as_tensor(up_x), torch.as_tensor(up_y).long()
@@ -393,7 +394,7 @@ class Engine:
         self.flip_bits: Tensor | None = None  # alternating_flip: one bit per training image
         # distillation targets at the run's temperature, tempered once (not per batch)
         self.soft_targets = (temper(soft_targets, config.distill_temperature).to(setup.device)
-                             if soft_targets is not None and config.distill_weight > 0 else None)
+                             if soft_targets is not None else None)
         self.ema = ModelEma(self.model, config.ema_decay) if config.ema_decay else None
         self.scaler = torch.amp.GradScaler(setup.device.type) if setup.needs_grad_scaler else None
         # on CPU reading a scalar costs nothing (no queue to drain); on CUDA it stalls the GPU

@@ -104,6 +104,16 @@ def test_fit_with_one_hot_targets_at_full_weight_trains_exactly_like_cross_entro
     assert not torch.allclose(plain[1].weight, uniform[1].weight, atol=1e-4)
 
 
+def test_soft_targets_at_weight_zero_are_checked_warned_about_and_not_used():
+    plain, _ = _fit(TrainConfig(**BASE))
+    with pytest.warns(UserWarning, match="distill_weight=0"):
+        ignored, _ = _fit(TrainConfig(**BASE), soft=torch.full((96, 7), 1 / 7))
+    for p, q in zip(plain.parameters(), ignored.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="row 0 "):  # still checked: a bad file is named, not ignored
+        _fit(TrainConfig(**BASE), soft=torch.zeros(96, 7))
+
+
 def test_fit_refuses_distillation_without_targets_or_with_upsampling():
     with pytest.raises(ValueError, match="needs fit\\(soft_targets"):
         _fit(TrainConfig(**BASE, distill_weight=0.5))
