@@ -7,6 +7,7 @@
     python -m fer_lib predict --video clip.avi --out clip_annotated.avi --weights m.safetensors
     python -m fer_lib predict --video 0 --json --max-frames 300      # webcam 0, JSON lines
     python -m fer_lib export-onnx --weights model.safetensors --out model.onnx
+    python -m fer_lib save-weights runs/cpu_record/cpu_record-fer2013/seed0 --out my_model/
     python -m fer_lib sweep exp4 --storage postgresql+psycopg://u:pw@host/db --study s --trials 40
 
 predict --json: one photo prints exactly the list of faces
@@ -388,6 +389,30 @@ def _add_export_onnx(subparsers: Any) -> None:
     parser.set_defaults(func=_cmd_export_onnx)
 
 
+# --------------------------------------------------------------------------- save-weights
+
+def _cmd_save_weights(args: argparse.Namespace) -> int:
+    from fer_lib.weights_io import load_weights, save_run_weights
+
+    path = save_run_weights(args.run, args.out)
+    _, metadata = load_weights(path)  # read back: the file loads and its tensors check out
+    metrics = metadata["metrics"]
+    print(f"wrote {path} ({metadata['model']['name']}, PublicTest {100 * metrics['val_accuracy']:.2f}%, "
+          f"PrivateTest {100 * metrics['test_accuracy']:.2f}%, {metrics['tta']} TTA)")
+    return EXIT_OK
+
+
+def _add_save_weights(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "save-weights", help="save a finished run's best model as weights for predict/export-onnx",
+        description="Reads RUN/best.pt and RUN/results.json (one seed folder of `reproduce`) and writes "
+                    "<name>.safetensors + <name>.json with the accuracies and how they were measured.")
+    parser.add_argument("run", type=Path, metavar="RUN", help="finished run folder (holds best.pt, results.json)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder (files named after the model) or a .safetensors path")
+    parser.set_defaults(func=_cmd_save_weights)
+
+
 # --------------------------------------------------------------------------- sweep
 
 def _add_sweep(subparsers: Any) -> None:
@@ -420,6 +445,7 @@ COMMANDS: list[Callable[[Any], None]] = [
     _add_delegated,
     _add_predict,
     _add_export_onnx,
+    _add_save_weights,
     _add_sweep,
 ]
 

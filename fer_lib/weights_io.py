@@ -188,6 +188,45 @@ def save_weights(dir_or_path: str | os.PathLike, model: nn.Module, *, model_name
     return target
 
 
+def save_run_weights(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Save a finished run's best model (run_dir/best.pt) as shipped weights; return the path.
+
+    run_dir: a run folder written by `fer_lib.experiment.run_experiment` (e.g. each seed of
+    `python -m fer_lib reproduce`): its best.pt gives the model (rebuilt from the registry)
+    and class names, its results.json the accuracies and how they were measured, which go
+    into the metadata. dest: a folder or a `.safetensors` path, as for `save_weights`.
+    """
+    from fer_lib.augment import MEAN, STD
+    from fer_lib.checkpoint import load_model
+
+    run_dir = Path(run_dir)
+    best, results_path = run_dir / "best.pt", run_dir / "results.json"
+    for needed in (best, results_path):
+        if not needed.is_file():
+            raise WeightsError(f"{needed}: not found; a finished run folder (one seed of `reproduce`, "
+                               "or run_experiment's run_dir) holds best.pt and results.json")
+    try:
+        results = json.loads(results_path.read_text(encoding="utf-8"))
+        metrics = {key: float(results[key]) for key in ("val_accuracy", "test_accuracy", "test_macro_f1")}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise WeightsError(f"{results_path}: not a finished run's results ({type(exc).__name__}: {exc})") from exc
+    model = load_model(best)
+    meta = model.checkpoint_meta
+    metrics.update(tta=results.get("tta", "none"), splits="val = PublicTest (chose the epoch), "
+                   "test = PrivateTest (evaluated once)")
+    what = f"recipe {results['recipe']}" if results.get("recipe") else f"run {results.get('name', run_dir.name)}"
+    config = results.get("config") or {}
+    how = ", ".join(part for part in (
+        f"seed {config['seed']}" if "seed" in config else "",
+        f"optimizer {config['optimizer']}" if config.get("optimizer") else "",
+        f"EMA {config['ema_decay']}" if config.get("ema_decay") else "") if part)
+    notes = (f"{what}{f' ({how})' if how else ''}: {results.get('epochs_run', '?')} epochs on "
+             f"{results.get('device', '?')}, weights of epoch {results.get('best_epoch', meta.get('epoch'))} "
+             f"(best PublicTest); PrivateTest evaluated once")
+    return save_weights(dest, model, model_name=model.registry_name, model_kwargs=model.registry_kwargs,
+                        class_names=meta["class_names"], mean=MEAN, std=STD, metrics=metrics, notes=notes)
+
+
 def _build_model(metadata: Mapping[str, Any], *, source: str,
                  device: str | None = None) -> nn.Module:
     """The registry model `metadata` describes (on `device`, e.g. "meta": no memory)."""

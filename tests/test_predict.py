@@ -522,6 +522,38 @@ def test_weights_round_trip_without_pickle(tmp_path, monkeypatch):
     assert weights_io.load_weights(path)[1]["class_names"] == list(CLASS_NAMES)
 
 
+def test_save_weights_command_ships_a_finished_run_that_predict_can_load(fer2013_csv, tmp_path, capsys):
+    from fer_lib.augment import MEAN, STD
+    from fer_lib.checkpoint import load_model
+    from fer_lib.data import load_fer2013
+    from fer_lib.experiment import run_experiment
+    from fer_lib.training import TrainConfig
+
+    data = load_fer2013(fer2013_csv((70, 21, 21)))
+    config = TrainConfig(epochs=2, batch_size=16, max_steps_per_epoch=2, progress=False, seed=5, tta="flip")
+    run_dir = tmp_path / "seed5"
+    run = run_experiment("r", data, "fernet_small", config, run_dir=run_dir, wandb_mode="disabled",
+                         extra={"recipe": "fast_cpu"})
+    assert main(["save-weights", str(run_dir), "--out", str(tmp_path / "shipped")]) == EXIT_OK
+    assert "PublicTest" in capsys.readouterr().out
+    model, metadata = weights_io.load_weights(tmp_path / "shipped" / "fernet_small.safetensors")
+    x = torch.randn(4, 1, 48, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the best checkpoint's weights, exactly
+        assert torch.equal(model(x), load_model(run_dir / "best.pt")(x))
+    assert metadata["metrics"]["val_accuracy"] == pytest.approx(run.val["accuracy"])
+    assert metadata["metrics"]["test_accuracy"] == pytest.approx(run.test["accuracy"])
+    assert metadata["metrics"]["tta"] == "flip"
+    assert metadata["normalization"]["mean"] == pytest.approx(MEAN)
+    assert metadata["normalization"]["std"] == pytest.approx(STD)
+    assert "recipe fast_cpu (seed 5, optimizer adam)" in metadata["notes"]
+    load_predictor(tmp_path / "shipped" / "fernet_small.safetensors")
+    # a folder that is no finished run: one line naming the missing file, nothing written
+    (tmp_path / "empty").mkdir()
+    assert main(["save-weights", str(tmp_path / "empty"), "--out", str(tmp_path / "nothing")]) == EXIT_ERROR
+    assert "best.pt: not found" in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists()
+
+
 def test_weights_errors_are_clear(tmp_path):
     model = random_model("fernet_small")
     kwargs = dict(model_name="fernet_small", class_names=CLASS_NAMES, mean=0.5, std=0.25,
