@@ -83,6 +83,8 @@ ABLATIONS: tuple[Ablation, ...] = (
              config={"optimizer": "muon"}),
     Ablation("muon_lr_0.015", "muon at half its lr (0.015)", config={"optimizer": "muon", "muon_lr": 0.015}),
     Ablation("muon_lr_0.06", "muon at twice its lr (0.06)", config={"optimizer": "muon", "muon_lr": 0.06}),
+    Ablation("muon_ns_bf16", "Muon's Newton-Schulz iterations in bf16 where training autocasts to bf16 "
+             "(fp32 otherwise)", config={"optimizer": "muon", "muon_precision": "auto"}),
     Ablation("mixup_0.2", "mixup, alpha 0.2", config={"mixup_alpha": 0.2}),
     Ablation("hist_eq", "histogram-equalise every face (train and test)", equalize=True),
     Ablation("whiten_stem", "patch-whitening stem conv, frozen (airbench)", prepare="whiten_stem"),

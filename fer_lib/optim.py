@@ -19,11 +19,12 @@ from torch import Tensor
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(matrix: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
-    """Approximately U V^T for matrix = U S V^T (Newton-Schulz in float32; singular values end
-    near 1, within about 0.7..1.2, which is all the update needs)."""
+def orthogonalize(matrix: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Approximately U V^T for matrix = U S V^T (singular values end near 1, within about
+    0.7..1.2, which is all the update needs). dtype: where the iterations run; bf16 uses a
+    CPU's or GPU's matrix units (the Muon write-up runs them in bf16) at ~0.02 from fp32."""
     a, b, c = NS_COEFFICIENTS
-    x = matrix.float()
+    x = matrix.to(dtype)
     x = x / (x.norm() + eps)  # singular values <= 1, where the iteration converges
     tall = x.shape[0] > x.shape[1]
     if tall:
@@ -37,18 +38,20 @@ def orthogonalize(matrix: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
 class Muon(torch.optim.Optimizer):
     """Momentum SGD whose update of each `orthogonalize` parameter is orthogonalised.
 
-    Per parameter group: lr, momentum, nesterov, weight_decay, orthogonalize (bool), ns_steps.
+    Per parameter group: lr, momentum, nesterov, weight_decay, orthogonalize (bool), ns_steps,
+    ns_dtype (the Newton-Schulz iterations' dtype, default float32).
     Weight decay is decoupled (p *= 1 - lr * wd) for orthogonalised parameters and coupled, as
     in torch.optim.SGD, for the others. An orthogonalised update of an (rows x cols) matrix is
     scaled by sqrt(max(1, rows / cols)), so tall and wide layers move alike.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.0, orthogonalize: bool = True, ns_steps: int = 5):
+                 weight_decay: float = 0.0, orthogonalize: bool = True, ns_steps: int = 5,
+                 ns_dtype: torch.dtype = torch.float32):
         if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0:
             raise ValueError(f"Muon: invalid lr {lr}, momentum {momentum} or weight_decay {weight_decay}")
         defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay,
-                    "orthogonalize": orthogonalize, "ns_steps": ns_steps}
+                    "orthogonalize": orthogonalize, "ns_steps": ns_steps, "ns_dtype": ns_dtype}
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -75,7 +78,7 @@ class Muon(torch.optim.Optimizer):
                 if orthogonal:
                     matrix = update.reshape(update.shape[0], -1)
                     scale = max(1.0, matrix.shape[0] / matrix.shape[1]) ** 0.5
-                    update = orthogonalize(matrix, group["ns_steps"]).view_as(param) * scale
+                    update = orthogonalize(matrix, group["ns_steps"], dtype=group["ns_dtype"]).view_as(param) * scale
                     if group["weight_decay"]:  # decoupled: the update's size does not carry it
                         param.mul_(1 - lr * group["weight_decay"])
                 param.add_(update, alpha=-lr)

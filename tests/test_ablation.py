@@ -221,6 +221,25 @@ def test_muon_option_trains_the_convs_with_muon(data):
     assert conv_group["lr"] == 0.02 and rest_group["lr"] == 0.05 and not rest_group["orthogonalize"]
 
 
+def test_muon_precision_auto_orthogonalises_in_bf16_only_under_bf16_autocast():
+    torch.manual_seed(0)
+    matrix = torch.randn(32, 288)
+    low = orthogonalize(matrix, dtype=torch.bfloat16)
+    assert low.dtype == torch.float32  # returned in the input's dtype
+    assert (low - orthogonalize(matrix)).abs().max() < 0.05  # bf16 rounding, not another result
+    singular = torch.linalg.svdvals(low)
+    assert singular.min() > 0.6 and singular.max() < 1.25
+    model = create_model("fernet_small")
+    auto = TrainConfig(optimizer="muon", muon_precision="auto")
+    dtypes = {amp: make_optimizer(model, config, torch.device("cpu"), amp).param_groups[0]["ns_dtype"]
+              for config in (auto,) for amp in (torch.bfloat16, torch.float16, None)}
+    assert dtypes == {torch.bfloat16: torch.bfloat16, torch.float16: torch.float32, None: torch.float32}
+    fp32 = make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"), torch.bfloat16)
+    assert fp32.param_groups[0]["ns_dtype"] == torch.float32  # the default keeps fp32
+    with pytest.raises(ValueError, match="muon_precision"):
+        TrainConfig(optimizer="muon", muon_precision="bf16")
+
+
 def test_a_costlier_variant_trains_fewer_epochs_and_a_wider_model(data):
     fast = {"max_steps_per_epoch": 1, "precision": "fp32"}
     trained = {}
