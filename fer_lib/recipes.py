@@ -62,8 +62,8 @@ RECIPES: dict[str, Recipe] = {
     # the same schedule, augmentation, EMA and TTA as "record", on the middle fernet
     # (64-128-256, ~1.2M params, ~2.2x fewer FLOPs than fernet_large) for 40 epochs, with Muon
     # for the conv weights (the short ablations' clear winner). Measured on a 2-core Xeon with
-    # AMX (docs/speed.md): all-SGD 70.94 +- 0.45% PrivateTest over 3 seeds; with Muon, seed 0
-    # 72.42% (71.08% all-SGD, same seed).
+    # AMX (docs/speed.md): 72.16 +- 0.50% PrivateTest over 3 seeds, ensemble 73.56%, 46-70
+    # min per seed (all-SGD, as before 2026-11-30: 70.94 +- 0.45%, ensemble 71.86%).
     "cpu_record": Recipe(
         name="cpu_record",
         model="fernet",
