@@ -511,7 +511,7 @@ def load_predictor(weights: str | os.PathLike | None = None, *,
             raise MissingWeightsError(
                 f"no shipped weights: this fer_lib has no trained default model ({path.name} is "
                 "not in fer_lib/weights/). Train a model, save it with "
-                "fer_lib.weights_io.save_weights(...), and pass the file: "
+                "`python -m fer_lib save-weights RUN_FOLDER --out DIR`, and pass the file: "
                 "`python -m fer_lib predict photo.jpg --weights model.safetensors` or "
                 "load_predictor(weights='model.safetensors').")
         weights = path

@@ -85,7 +85,8 @@ class TrainConfig:
     # orthogonalised at muon_lr, everything else Nesterov-or-not SGD at lr, both under one schedule)
     muon_lr: float = 0.03
     # "fp32" | "auto": Muon's Newton-Schulz iterations in bf16 when training autocasts to bf16
-    # (matrix units; 4x faster for fernet's conv weights on an AMX CPU), else in fp32
+    # (matrix units: 1.3x faster for fernet's conv weights on a 2-core AMX CPU, 6% of its
+    # step; docs/speed.md), else in fp32
     muon_precision: str = "fp32"
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd

@@ -265,9 +265,8 @@ def _resolve_pair(path: str | os.PathLike) -> tuple[Path, Path]:
 
 
 _OTHER_KINDS = {
-    ".pt": "a training checkpoint? Save it for prediction with "
-           "fer_lib.weights_io.save_weights(folder, fer_lib.checkpoint.load_model(path), ...), "
-           "as notebook 08 does",
+    ".pt": "a training checkpoint? Save its run folder for prediction with "
+           "`python -m fer_lib save-weights RUN_FOLDER --out DIR` (fer_lib.weights_io.save_run_weights)",
     ".onnx": "an ONNX export; pass the .safetensors file it was exported from",
 }
 _OTHER_KINDS[".pth"] = _OTHER_KINDS[".ckpt"] = _OTHER_KINDS[".pt"]
