@@ -262,3 +262,35 @@ def test_a_recipe_prepares_its_model_before_training(data, tmp_path, monkeypatch
     assert scales and all(torch.all(w == 1) for w in scales)  # trained, yet never moved
     with pytest.raises(ValueError, match="whiten_stem"):
         prepare_model("nope", create_model("fernet_small"), data.train.images)
+
+
+def test_ablation_base_is_the_recipe_with_its_preparation_and_a_variant_adds_its_own(data, monkeypatch):
+    from dataclasses import replace
+
+    from fer_lib import recipes
+
+    base = recipes.get_recipe("fast_cpu")
+    monkeypatch.setitem(recipes.RECIPES, "prepared", replace(base, name="prepared", prepare="frozen_bn_scales"))
+    fast = {"max_steps_per_epoch": 1, "precision": "fp32"}
+    trained = {}
+    for name in ("base", "whiten_stem"):
+        run_ablation(get_ablation(name), data, recipe="prepared", epochs=1, trained=trained, **fast)
+    for name in ("base", "whiten_stem"):
+        model = trained[(name, 0)][0]
+        scales = [m.weight for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert all(torch.all(w == 1) for w in scales)  # the recipe's frozen BN scales, in both
+    assert trained[("base", 0)][0].stem[0].weight.requires_grad  # base: no whitened stem
+    assert not trained[("whiten_stem", 0)][0].stem[0].weight.requires_grad  # the variant's, frozen
+
+
+def test_fernet_activation_and_downsampling_options(data):
+    relu_avg = create_model("fernet_small", act="relu", downsample="avg")
+    kinds = {type(m).__name__ for m in relu_avg.modules()}
+    assert {"ReLU", "AvgPool2d"} <= kinds and not {"GELU", "MaxPool2d"} & kinds
+    default = create_model("fernet_small")
+    assert default.state_dict().keys() == relu_avg.state_dict().keys()  # same weights, other ops
+    x = torch.rand(2, 1, 48, 48)
+    assert relu_avg(x).shape == (2, 7)
+    for bad in ({"act": "swish"}, {"downsample": "stride"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            create_model("fernet_small", **bad)

@@ -20,19 +20,40 @@ from fer_lib.models.registry import register_model
 SOURCE = "ours (fer_lib)"
 
 
-def _conv(in_channels: int, out_channels: int) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+def _conv(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+
+
+# Activations and ways to halve the map. GELU and 2x2 max pooling are the airbench choices;
+# on a 2-core CPU in bf16 a training step of fernet_small spends ~14% in GELU and ~22% in max
+# pooling (forward, backward and the backward's zero fill), so ReLU and average pooling are
+# offered as cheaper alternatives (docs/ablations.md measures what they cost in accuracy).
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+DOWNSAMPLES = ("max", "avg")
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"fernet: act must be one of {', '.join(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]()
 
 
 class FerStage(nn.Module):
-    """conv3x3 -> maxpool2 -> BN -> GELU -> [conv3x3 -> BN -> GELU] x (convs - 1)."""
+    """conv3x3 -> pool2 -> BN -> act -> [conv3x3 -> BN -> act] x (convs - 1).
 
-    def __init__(self, in_channels: int, out_channels: int, convs: int = 2) -> None:
+    downsample: "max" (2x2 max pooling) or "avg" (2x2 average pooling).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, convs: int = 2, act: str = "gelu",
+                 downsample: str = "max") -> None:
         super().__init__()
-        layers: list[nn.Module] = [_conv(in_channels, out_channels), nn.MaxPool2d(2),
-                                   nn.BatchNorm2d(out_channels), nn.GELU()]
+        if downsample not in DOWNSAMPLES:
+            raise ValueError(f"fernet: downsample must be one of {', '.join(DOWNSAMPLES)}, got {downsample!r}")
+        pool = nn.MaxPool2d(2) if downsample == "max" else nn.AvgPool2d(2)
+        layers: list[nn.Module] = [_conv(in_channels, out_channels), pool,
+                                   nn.BatchNorm2d(out_channels), _activation(act)]
         for _ in range(convs - 1):
-            layers += [_conv(out_channels, out_channels), nn.BatchNorm2d(out_channels), nn.GELU()]
+            layers += [_conv(out_channels, out_channels), nn.BatchNorm2d(out_channels), _activation(act)]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,18 +65,18 @@ class FerNet(nn.Module):
 
     def __init__(self, in_chans: int, num_classes: int, widths: tuple[int, ...],
                  stem_width: int, convs_per_stage: int, pool: str, dropout_rate: float,
-                 logit_scale: float) -> None:
+                 logit_scale: float, act: str = "gelu", downsample: str = "max") -> None:
         super().__init__()
         if pool not in ("max", "avgmax"):
             raise ValueError(f"fernet: pool must be 'max' or 'avgmax', got {pool!r}")
         if convs_per_stage < 1:
             raise ValueError(f"fernet: convs_per_stage must be >= 1, got {convs_per_stage}")
         self.stem = nn.Sequential(_conv(in_chans, stem_width), nn.BatchNorm2d(stem_width),
-                                  nn.GELU())
+                                  _activation(act))
         stages = []
         channels = stem_width
         for width in widths:
-            stages.append(FerStage(channels, width, convs_per_stage))
+            stages.append(FerStage(channels, width, convs_per_stage, act, downsample))
             channels = width
         self.stages = nn.Sequential(*stages)
         self.pool = pool
@@ -75,13 +96,13 @@ class FerNet(nn.Module):
 
 def _fernet(num_classes: int, in_chans: int, widths: tuple[int, ...], stem_width: int | None,
             convs_per_stage: int, pool: str, dropout_rate: float,
-            logit_scale: float) -> nn.Module:
+            logit_scale: float, act: str, downsample: str) -> nn.Module:
     widths = tuple(widths)
     if len(widths) < 1:
         raise ValueError("fernet: widths needs at least one stage width")
     stem = stem_width if stem_width is not None else max(widths[0] // 2, 8)
     return FerNet(in_chans, num_classes, widths, stem, convs_per_stage, pool, dropout_rate,
-                  logit_scale)
+                  logit_scale, act, downsample)
 
 
 @register_model("fernet", source=SOURCE)
@@ -97,37 +118,38 @@ def fernet(num_classes: int = 7, in_chans: int = 1, *,
     pool ("avgmax" adds the mean); dropout; Linear(no bias) * logit_scale.
     Convs have no bias (BN follows). With 3 stages the map entering the pool is 6x6.
     kwargs: widths=(64,128,256), stem_width=None, convs_per_stage=2, pool="max"|"avgmax",
-    dropout_rate=0.0, logit_scale=1/9.
+    dropout_rate=0.0, logit_scale=1/9, act="gelu"|"relu", downsample="max"|"avg" (the pooling
+    inside each stage).
     """
     return _fernet(num_classes, in_chans, widths, stem_width, convs_per_stage, pool,
-                   dropout_rate, logit_scale)
+                   dropout_rate, logit_scale, act, downsample)
 
 
 @register_model("fernet_small", source=SOURCE)
 def fernet_small(num_classes: int = 7, in_chans: int = 1, *,
                  widths: tuple[int, ...] = (32, 64, 128), stem_width: int | None = None,
                  convs_per_stage: int = 2, pool: str = "max", dropout_rate: float = 0.0,
-                 logit_scale: float = 1 / 9) -> nn.Module:
+                 logit_scale: float = 1 / 9, act: str = "gelu", downsample: str = "max") -> nn.Module:
     """fernet at half width (32-64-128, stem 16, ~0.3M): the fastest recipe, ~4x fewer FLOPs.
 
     Not from a report. Same layout and kwargs as `fernet`.
     """
     return _fernet(num_classes, in_chans, widths, stem_width, convs_per_stage, pool,
-                   dropout_rate, logit_scale)
+                   dropout_rate, logit_scale, act, downsample)
 
 
 @register_model("fernet_large", source=SOURCE)
 def fernet_large(num_classes: int = 7, in_chans: int = 1, *,
                  widths: tuple[int, ...] = (96, 192, 384), stem_width: int | None = None,
                  convs_per_stage: int = 2, pool: str = "max", dropout_rate: float = 0.0,
-                 logit_scale: float = 1 / 9) -> nn.Module:
+                 logit_scale: float = 1 / 9, act: str = "gelu", downsample: str = "max") -> nn.Module:
     """fernet at 1.5x width (96-192-384, stem 48, ~2.6M): trades speed for accuracy.
 
     Not from a report. Same layout and kwargs as `fernet`; convs_per_stage=3 deepens it
     further instead of widening.
     """
     return _fernet(num_classes, in_chans, widths, stem_width, convs_per_stage, pool,
-                   dropout_rate, logit_scale)
+                   dropout_rate, logit_scale, act, downsample)
 
 
 # --------------------------------------------------------------------------------------
