@@ -294,3 +294,10 @@ def test_fernet_activation_and_downsampling_options(data):
     for bad in ({"act": "swish"}, {"downsample": "stride"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             create_model("fernet_small", **bad)
+
+
+@pytest.mark.parametrize("name", ["fernet_small", "fernet", "fernet_large"])
+def test_every_fernet_size_takes_the_activation_and_downsampling_options(name):
+    model = create_model(name, act="relu", downsample="avg")
+    assert any(isinstance(m, nn.ReLU) for m in model.modules())
+    assert any(isinstance(m, nn.AvgPool2d) for m in model.modules())

@@ -109,7 +109,7 @@ def _fernet(num_classes: int, in_chans: int, widths: tuple[int, ...], stem_width
 def fernet(num_classes: int = 7, in_chans: int = 1, *,
            widths: tuple[int, ...] = (64, 128, 256), stem_width: int | None = None,
            convs_per_stage: int = 2, pool: str = "max", dropout_rate: float = 0.0,
-           logit_scale: float = 1 / 9) -> nn.Module:
+           logit_scale: float = 1 / 9, act: str = "gelu", downsample: str = "max") -> nn.Module:
     """Our fast FER net: stem + 3 pooled stages 64-128-256, global max pool, linear (~1.2M).
 
     Not from a report: designed for time-to-accuracy on 48x48 (airbench-like layout).
