@@ -127,7 +127,7 @@ def _final_metrics(model, data, config, tta: str, crop_size: int | None) -> dict
     out = {}
     for key, split in (("val", data.val), ("test", data.test)):
         logits = predict_logits(model, split.images, tta=tta, crop_size=crop_size,
-                                batch_size=config.eval_batch_size)
+                                batch_size=config.eval_batch_size, precision=config.final_eval_precision)
         metrics = classification_metrics(split.labels, logits.argmax(1).numpy(), data.class_names)
         out[f"{key}_accuracy"] = 100 * float(metrics["accuracy"])
         out[f"{key}_macro_f1"] = 100 * float(metrics["macro_f1"])

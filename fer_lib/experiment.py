@@ -114,9 +114,11 @@ def run_experiment(name: str, data: FER2013, model_name: str, config: TrainConfi
         fitted = fit(model, data.train, data.val, config, tracker=tracker, run_dir=run_dir,
                      class_names=data.class_names, resume=bool(resuming), on_epoch_end=on_epoch_end,
                      soft_targets=soft_targets)
-        val_eval = evaluate(fitted.model, data.val, batch_size=config.eval_batch_size, tta=tta)
+        precision = config.final_eval_precision
+        val_eval = evaluate(fitted.model, data.val, batch_size=config.eval_batch_size, tta=tta, precision=precision)
         # PrivateTest is looked at once, after the epoch was chosen on PublicTest.
-        test_eval = evaluate(fitted.model, data.test, batch_size=config.eval_batch_size, tta=tta)
+        test_eval = evaluate(fitted.model, data.test, batch_size=config.eval_batch_size, tta=tta,
+                             precision=precision)
         # A resumed run's seconds include the earlier calls' training (saved in last.pt).
         seconds = time.perf_counter() - start + fitted.resumed_seconds
         val = classification_metrics(val_eval["labels"], val_eval["preds"], data.class_names)

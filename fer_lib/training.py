@@ -128,6 +128,10 @@ class TrainConfig:
     eval_batch_size: int = 512
     max_steps_per_epoch: int | None = None  # smoke runs
     tta: str = "none"  # "none" | "flip": final evaluation of the best model
+    # the final evaluation's precision: "fp32" (exact; what shipped weights give anywhere) or
+    # "auto" (the training precision, e.g. bf16 on an AMX CPU: 2.4x faster, ~10 s of a 2-minute
+    # fast_cpu run; the accuracy moved by at most 0.14 points over 6 measured evaluations)
+    eval_precision: str = "fp32"
     progress: Any = True  # True (auto) | "plain" | "bar" | False
     checkpoint_every_epoch: bool = True
 
@@ -138,6 +142,7 @@ class TrainConfig:
             "scheduler": ("none", "plateau", "onecycle", "cosine"),
             "plateau_metric": ("val_loss", "val_accuracy"),
             "tta": ("none", "flip"),
+            "eval_precision": ("fp32", "auto"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -152,6 +157,11 @@ class TrainConfig:
                              f"{self.distill_weight}, {self.distill_temperature}")
         if self.augment_early_epochs and self.augment_early is None:
             raise ValueError("TrainConfig.augment_early_epochs needs augment_early (the early epochs' augment)")
+
+    @property
+    def final_eval_precision(self) -> str:
+        """The `precision` argument of the final evaluation (fer_lib.training.evaluate)."""
+        return self.precision if self.eval_precision == "auto" else "fp32"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

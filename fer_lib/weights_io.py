@@ -219,7 +219,9 @@ def save_run_weights(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Pat
     how = ", ".join(part for part in (
         f"seed {config['seed']}" if "seed" in config else "",
         f"optimizer {config['optimizer']}" if config.get("optimizer") else "",
-        f"EMA {config['ema_decay']}" if config.get("ema_decay") else "") if part)
+        f"EMA {config['ema_decay']}" if config.get("ema_decay") else "",
+        "accuracies evaluated in the training precision" if config.get("eval_precision") == "auto" else "")
+        if part)
     notes = (f"{what}{f' ({how})' if how else ''}: {results.get('epochs_run', '?')} epochs on "
              f"{results.get('device', '?')}, weights of epoch {results.get('best_epoch', meta.get('epoch'))} "
              f"(best PublicTest); PrivateTest evaluated once")

@@ -119,3 +119,25 @@ def test_run_experiment_resumes_from_the_last_checkpoint(data, tmp_path):
                            wandb_mode="disabled")
     assert len(resumed.fit.history) == 2
     assert resumed.fit.history[0]["train_loss"] == fresh.fit.history[0]["train_loss"]
+
+
+@pytest.mark.parametrize(("eval_precision", "precision", "expected"),
+                         [("fp32", "auto", "fp32"), ("auto", "auto", "auto"), ("auto", "bf16", "bf16"),
+                          ("auto", "fp32", "fp32")])
+def test_the_final_evaluation_runs_in_the_precision_the_config_asks(data, tmp_path, monkeypatch,
+                                                                    eval_precision, precision, expected):
+    import fer_lib.experiment as experiment
+    from fer_lib.training import evaluate
+
+    seen = []
+
+    def recording_evaluate(*args, **kwargs):
+        seen.append(kwargs["precision"])
+        return evaluate(*args, **{**kwargs, "precision": "fp32"})  # the CI CPU may lack bf16
+
+    monkeypatch.setattr(experiment, "evaluate", recording_evaluate)
+    config = TrainConfig(**{**CONFIG.to_dict(), "eval_precision": eval_precision, "precision": precision})
+    run_experiment("p", data, "exp3_cnn", config, run_dir=tmp_path / "p", wandb_mode="disabled")
+    assert seen == [expected, expected]  # PublicTest, then PrivateTest
+    with pytest.raises(ValueError, match="eval_precision"):
+        TrainConfig(eval_precision="bf16")
