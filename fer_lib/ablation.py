@@ -109,7 +109,7 @@ def _config_for(recipe, ablation: Ablation, epochs: int, seed: int, extra: dict[
     overrides = {"epochs": max(1, round(epochs * ablation.epochs_factor)), "seed": seed, **ablation.config, **extra}
     if "augment_early" in ablation.config:
         overrides.setdefault("augment_early_epochs", max(1, overrides["epochs"] // 2))
-    return replace(recipe.config, **overrides)
+    return recipe.config_for(**overrides)
 
 
 def _equalized(data):

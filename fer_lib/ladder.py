@@ -91,7 +91,8 @@ def _recipe_step() -> LadderStep:
                  else f"SGD lr {config.lr:g}")
     return LadderStep(
         "fernet", "+ a model shaped for 48x48",
-        f"recipe fast_cpu: {recipe.model} (3 stages, global pooling), flip + translate, "
+        f"recipe fast_cpu: {recipe.model} (3 stages, global pooling), "
+        f"{'40x40 crops for the first half of the epochs, then ' if recipe.early_fraction else ''}flip + translate, "
         f"{optimizer}, one-cycle, flip TTA",
         recipe.model, {k: v for k, v in config.to_dict().items() if k not in ("epochs", "seed", "progress")},
         dict(recipe.model_kwargs), tta=config.tta, how="recipe", recipe=recipe.name)

@@ -5,6 +5,7 @@ import pytest
 
 from fer_lib.models import list_models
 from fer_lib.recipes import RECIPES, get_recipe, main
+from fer_lib.training import TrainConfig
 
 
 def test_every_recipe_names_a_registered_model():
@@ -285,3 +286,23 @@ def test_set_reads_json_values_and_names_a_bad_item():
         parse_settings(["lr"])
     with pytest.raises(ValueError, match="--set 'learning_rate=0.1': TrainConfig has no field 'learning_rate'"):
         parse_settings(["learning_rate=0.1"])
+
+
+def test_a_recipes_early_epochs_follow_the_epochs_of_each_call():
+    from dataclasses import replace
+
+    from fer_lib.recipes import Recipe
+
+    crop = [["RandomCrop", {"size": 40}]]
+    recipe = Recipe("p", "fernet_small", "progressive", TrainConfig(epochs=12, augment_early=crop,
+                                                                    augment_early_epochs=6), early_fraction=0.5)
+    early = {epochs: recipe.config_for(epochs=epochs).augment_early_epochs for epochs in (12, 10, 5, 2, 1)}
+    assert early == {12: 6, 10: 5, 5: 2, 2: 1, 1: 0}  # floor(epochs / 2): a 1-epoch smoke run has none
+    assert recipe.config_for(epochs=5, augment_early_epochs=0).augment_early_epochs == 0  # a call's own wins
+    assert recipe.config_for(lr=0.1).lr == 0.1 and recipe.config_for().epochs == 12
+    fixed = replace(recipe, early_fraction=0.0)
+    assert fixed.config_for(epochs=5).augment_early_epochs == 6  # without a fraction: the config's count
+    with pytest.raises(ValueError, match="early_fraction"):
+        Recipe("q", "fernet_small", "no crops", TrainConfig(), early_fraction=0.5)
+    with pytest.raises(ValueError, match="early_fraction"):
+        replace(recipe, early_fraction=1.0)
