@@ -20,8 +20,8 @@ from fer_lib.models.registry import register_model
 SOURCE = "ours (fer_lib)"
 
 
-def _conv(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+def _conv(in_channels: int, out_channels: int) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
 
 
 # Activations and ways to halve the map. GELU and 2x2 max pooling are the airbench choices;
