@@ -306,3 +306,12 @@ def test_a_recipes_early_epochs_follow_the_epochs_of_each_call():
         Recipe("q", "fernet_small", "no crops", TrainConfig(), early_fraction=0.5)
     with pytest.raises(ValueError, match="early_fraction"):
         replace(recipe, early_fraction=1.0)
+
+
+def test_fast_cpu_at_its_measured_budgets_trains_half_its_epochs_on_crops():
+    # docs/measurements.md: 12 epochs (6 on 40x40 crops) and --epochs 5 (2 on crops)
+    recipe = get_recipe("fast_cpu")
+    assert recipe.config_for().augment_early_epochs == 6
+    assert recipe.config_for(epochs=5).augment_early_epochs == 2
+    assert recipe.config_for(epochs=5).eval_precision == "auto"
+    assert get_recipe("cpu_record").config_for(epochs=5).augment_early_epochs == 0  # no crops there
