@@ -55,8 +55,8 @@ def test_dry_run_runs_every_step_and_writes_at_most_eight_files(fer_csv, tmp_pat
     steps = {step["name"]: step for step in summary["steps"]}
     assert list(steps) == ["tests", "bench", "fast", "record"]
     assert all(step["status"] == "ok" for step in steps.values()), steps
-    assert [row["model"] for row in steps["bench"]["result"]["rows"]] == ["exp3_cnn", "resnet18_48",
-                                                                          "vgg_khaireddin"]
+    assert [row["model"] for row in steps["bench"]["result"]["rows"]] == list(gpu_run.BENCH_MODELS)
+    assert {"exp3_cnn", "resnet18_48", "vgg_khaireddin", "fernet_small"} <= set(gpu_run.BENCH_MODELS)
     assert steps["fast"]["result"]["line"]["seeds"] == [0, 1, 2]
     assert steps["record"]["result"]["line"]["recipe"] == "record"
     assert summary["dry_run"] is True and summary["data"].startswith("packed")
@@ -86,3 +86,12 @@ def test_without_cuda_and_without_dry_run_it_says_so_in_one_line(tmp_path, capsy
     assert gpu_run.main(["--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: gpu-run needs a CUDA GPU")
+
+
+def test_fitting_epochs_keeps_the_recipe_when_it_fits_and_cuts_it_when_it_does_not(fer_csv, tmp_path):
+    data = gpu_run.load_packed(gpu_run.pack_fer2013(tmp_path / "packed", fer_csv, verbose=False)[0].parent)
+    overrides = {"epochs": 3, "batch_size": 16, "progress": False, "checkpoint_every_epoch": False}
+    epochs, seconds = gpu_run.fitting_epochs("fast_cpu", data, 1e6, tmp_path / "a", overrides, steps=2)
+    assert epochs == 3 and seconds > 0
+    # no time at all: one epoch, the least a run can have
+    assert gpu_run.fitting_epochs("fast_cpu", data, 0.0, tmp_path / "b", overrides, steps=2)[0] == 1
