@@ -10,7 +10,7 @@ from fer_lib.ablation import ABLATIONS, ablation_table, get_ablation, main, run_
 from fer_lib.data import equalize_histogram
 from fer_lib.models import create_model
 from fer_lib.models.fernet import PREPARATIONS, freeze_bn_scales_, identity_init_, prepare_model, whiten_stem_
-from fer_lib.optim import Muon, orthogonalize
+from fer_lib.optim import Muon, orthogonalize, orthogonalize_many
 from fer_lib.training import Engine, TrainConfig, fit, make_optimizer
 
 
@@ -207,6 +207,51 @@ def test_muon_orthogonalises_conv_updates_and_is_sgd_elsewhere():
     assert torch.linalg.svdvals(step).max() < 3 * 0.1 * 1.25  # each step's spectral norm ~ lr
     with pytest.raises(ValueError, match="momentum"):
         Muon([conv], momentum=1.5)
+
+
+def test_batched_newton_schulz_matches_one_matrix_at_a_time_padded_or_not():
+    torch.manual_seed(0)
+    # two of one shape (one batch), a tall one (turned wide), a lone one, a tiny stem-like one
+    matrices = [torch.randn(16, 72), torch.randn(16, 72), torch.randn(90, 24), torch.randn(32, 144),
+                torch.randn(8, 9)]
+    alone = [orthogonalize(m) for m in matrices]
+    for pad in (False, True):
+        batched = orthogonalize_many(matrices, pad=pad)
+        for one, many, m in zip(alone, batched, matrices):
+            assert many.shape == m.shape
+            torch.testing.assert_close(many, one, atol=1e-5, rtol=1e-4)
+
+
+def test_muon_step_is_the_per_parameter_rule_it_replaced():
+    """The foreach + batched step against the plain loop over parameters (written out here)."""
+    torch.manual_seed(1)
+    shapes = [(16, 8, 3, 3), (16, 16, 3, 3), (32, 16, 3, 3), (8, 1, 3, 3), (16,), (7, 32), (7,)]
+    params = [torch.randn(shape) for shape in shapes]
+    mine = [p.clone() for p in params]
+    lr, momentum, decay, muon_lr = 0.05, 0.9, 5e-4, 0.02
+    optimizer = Muon([{"params": mine[:4], "lr": muon_lr, "orthogonalize": True},
+                      {"params": mine[4:], "lr": lr, "orthogonalize": False}],
+                     momentum=momentum, nesterov=True, weight_decay=decay)
+    buffers = [torch.zeros_like(p) for p in params]
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(mine, grads):
+            p.grad = g.clone()
+        optimizer.step()
+        for index, (p, g, buf) in enumerate(zip(params, grads, buffers)):
+            orthogonal = index < 4
+            if not orthogonal:
+                g = g + decay * p
+            buf.mul_(momentum).add_(g)
+            update = g + momentum * buf
+            if orthogonal:
+                matrix = update.reshape(update.shape[0], -1)
+                scale = max(1.0, matrix.shape[0] / matrix.shape[1]) ** 0.5
+                update = orthogonalize(matrix).view_as(p) * scale
+                p.mul_(1 - muon_lr * decay)
+            p.add_(update, alpha=-(muon_lr if orthogonal else lr))
+    for reference, p in zip(params, mine):
+        torch.testing.assert_close(p, reference, atol=1e-5, rtol=1e-4)
 
 
 def test_muon_option_trains_the_convs_with_muon(data):
