@@ -69,7 +69,7 @@ CALIBRATION_STEPS = 40
 SEEDS = (0, 1, 2)
 # Seconds per step; the record recipe gets whatever is left. The reserve keeps time for
 # writing the outputs after the last step.
-STEP_BUDGETS = {"tests": 45.0, "bench": 75.0, "fast": 110.0}
+STEP_BUDGETS = {"tests": 45.0, "bench": 50.0, "fast": 110.0}
 RESERVE_SECONDS = 15.0
 MIN_STEP_SECONDS = 5.0
 

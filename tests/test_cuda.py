@@ -74,3 +74,28 @@ def test_matmul_peak_and_fraction_of_peak_on_cuda():
                                  rounds=1, verbose=False)
     (row,) = result["rows"]
     assert row["engine_img_s"] > 0 and 0 < row["bare_fraction"]
+
+
+def test_muon_on_cuda_pads_into_one_batch_and_matches_the_cpu_step():
+    from fer_lib.models import create_model
+    from fer_lib.optim import Muon
+
+    torch.manual_seed(0)
+    cpu_model = create_model("fernet_small")
+    cuda_model = create_model("fernet_small").cuda()
+    cuda_model.load_state_dict(cpu_model.state_dict())
+    optimizers = []
+    for model in (cpu_model, cuda_model):
+        convs = [p for p in model.parameters() if p.ndim == 4]
+        rest = [p for p in model.parameters() if p.ndim != 4]
+        optimizers.append(Muon([{"params": convs, "lr": 0.03, "orthogonalize": True},
+                                {"params": rest, "lr": 0.05, "orthogonalize": False}], momentum=0.9,
+                               weight_decay=5e-4))
+    for _ in range(3):
+        for cpu_p, cuda_p in zip(cpu_model.parameters(), cuda_model.parameters()):
+            cpu_p.grad = torch.randn_like(cpu_p)
+            cuda_p.grad = cpu_p.grad.cuda()
+        for optimizer in optimizers:
+            optimizer.step()
+    for cpu_p, cuda_p in zip(cpu_model.parameters(), cuda_model.parameters()):
+        torch.testing.assert_close(cuda_p.cpu(), cpu_p, atol=1e-4, rtol=1e-3)
