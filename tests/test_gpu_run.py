@@ -49,7 +49,7 @@ def test_dry_run_runs_every_step_and_writes_at_most_eight_files(fer_csv, tmp_pat
     # what the device tool brings back: at most 8 plain files with plain names
     assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files)
     assert all((out / f).is_file() for f in files)
-    assert {"summary.json", "gpu_run.log", "gpu_run.md", "bench_peak.png", "tta_fast_cpu.png",
+    assert {"summary.json", "gpu_run.log", "gpu_run.md", "bench_peak.png", "tta_fast_gpu.png",
             "tta_record.png"} <= set(files)
     summary = json.loads((out / "summary.json").read_text())
     steps = {step["name"]: step for step in summary["steps"]}
