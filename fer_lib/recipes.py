@@ -61,13 +61,6 @@ class Recipe:
         return config
 
 
-# fast_cpu's settings, shared by fast_gpu (the same recipe on a wider net)
-FAST_CONFIG = TrainConfig(
-    epochs=12, batch_size=128, lr=0.2, optimizer="muon", muon_lr=0.03, momentum=0.9, nesterov=True,
-    weight_decay=5e-4, scheduler="onecycle", pct_start=0.25, label_smoothing=0.1, augment="fast", tta="flip",
-    eval_precision="auto", augment_early=[["RandomHorizontalFlip", {"p": 0.5}], ["RandomCrop", {"size": 40}]],
-    augment_early_epochs=6)
-
 RECIPES: dict[str, Recipe] = {
     # Time-to-accuracy on a 2-core CPU: a narrow net, the airbench recipe scaled to FER2013
     # (whole split resident, batched flip + translate, one-cycle, label smoothing, flip TTA at
@@ -85,22 +78,11 @@ RECIPES: dict[str, Recipe] = {
         description="narrow 3-stage conv net, whitened stem, 40x40 crops for the first half of the epochs "
                     "then flip+translate, Muon (convs) + Nesterov SGD one-cycle, label smoothing 0.1, "
                     "flip TTA; minutes on 2 CPU cores",
-        config=FAST_CONFIG,
-        prepare="whiten_stem",
-        early_fraction=0.5,
-    ),
-    # fast_cpu on the middle fernet (64-128-256, 4x the FLOPs of fernet_small), for a GPU:
-    # there a step of these nets is bounded by launching operations, not by arithmetic (one
-    # H200 trained fernet_small and fernet_large at the same ~25,000 img/s in the bench,
-    # docs/speed.md), so the wider net should cost about fast_cpu's 30 s per seed and buys
-    # accuracy (width 1.5x: +1.5 PublicTest points at 4 epochs on CPU, docs/ablations.md).
-    # The stem keeps fernet's 32 channels: 18 whitening filters and 14 random ones, all frozen.
-    "fast_gpu": Recipe(
-        name="fast_gpu",
-        model="fernet",
-        description="fast_cpu's recipe (whitened stem, 40x40 crops for the first half of the epochs, Muon + "
-                    "Nesterov SGD one-cycle, label smoothing 0.1, flip TTA) on fernet 64-128-256; for a GPU",
-        config=FAST_CONFIG,
+        config=TrainConfig(epochs=12, batch_size=128, lr=0.2, optimizer="muon", muon_lr=0.03, momentum=0.9,
+                           nesterov=True, weight_decay=5e-4, scheduler="onecycle", pct_start=0.25,
+                           label_smoothing=0.1, augment="fast", tta="flip", eval_precision="auto",
+                           augment_early=[["RandomHorizontalFlip", {"p": 0.5}], ["RandomCrop", {"size": 40}]],
+                           augment_early_epochs=6),
         prepare="whiten_stem",
         early_fraction=0.5,
     ),
@@ -146,6 +128,17 @@ RECIPES: dict[str, Recipe] = {
                            plateau_metric="val_accuracy", augment="khaireddin", tta="flip"),
     ),
 }
+
+# fast_cpu on the middle fernet (64-128-256, 4x the FLOPs of fernet_small), for a GPU:
+# there a step of these nets is bounded by launching operations, not by arithmetic (one
+# H200 trained fernet_small and fernet_large at the same ~25,000 img/s in the bench,
+# docs/speed.md), so the wider net should cost about fast_cpu's 30 s per seed and buys
+# accuracy (width 1.5x: +1.5 PublicTest points at 4 epochs on CPU, docs/ablations.md).
+# The stem keeps fernet's 32 channels: 18 whitening filters and 14 random ones, all frozen.
+RECIPES["fast_gpu"] = replace(
+    RECIPES["fast_cpu"], name="fast_gpu", model="fernet",
+    description="fast_cpu's recipe (whitened stem, 40x40 crops for the first half of the epochs, Muon + "
+                "Nesterov SGD one-cycle, label smoothing 0.1, flip TTA) on fernet 64-128-256; for a GPU")
 
 
 def get_recipe(name: str) -> Recipe:
