@@ -38,6 +38,8 @@ def orthogonalize_many(matrices: list[Tensor], steps: int = 5, eps: float = 1e-7
     what a GPU wants, where a training step of these small nets is bounded by launches
     (docs/speed.md); on a CPU the padding's extra arithmetic costs more than it saves.
     """
+    if not matrices:
+        return []
     a, b, c = NS_COEFFICIENTS
     wide = [m.to(dtype) for m in matrices]
     tall = [m.shape[0] > m.shape[1] for m in wide]

@@ -220,6 +220,7 @@ def test_batched_newton_schulz_matches_one_matrix_at_a_time_padded_or_not():
         for one, many, m in zip(alone, batched, matrices):
             assert many.shape == m.shape
             torch.testing.assert_close(many, one, atol=1e-5, rtol=1e-4)
+    assert orthogonalize_many([], pad=True) == []
 
 
 def test_muon_step_is_the_per_parameter_rule_it_replaced():
