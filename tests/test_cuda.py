@@ -78,19 +78,15 @@ def test_matmul_peak_and_fraction_of_peak_on_cuda():
 
 def test_muon_on_cuda_pads_into_one_batch_and_matches_the_cpu_step():
     from fer_lib.models import create_model
-    from fer_lib.optim import Muon
+    from fer_lib.training import TrainConfig, make_optimizer
 
     torch.manual_seed(0)
     cpu_model = create_model("fernet_small")
     cuda_model = create_model("fernet_small").cuda()
     cuda_model.load_state_dict(cpu_model.state_dict())
-    optimizers = []
-    for model in (cpu_model, cuda_model):
-        convs = [p for p in model.parameters() if p.ndim == 4]
-        rest = [p for p in model.parameters() if p.ndim != 4]
-        optimizers.append(Muon([{"params": convs, "lr": 0.03, "orthogonalize": True},
-                                {"params": rest, "lr": 0.05, "orthogonalize": False}], momentum=0.9,
-                               weight_decay=5e-4))
+    # the recipes' Muon: conv weights orthogonalised at muon_lr, the rest Nesterov SGD at lr
+    config = TrainConfig(optimizer="muon", lr=0.05, muon_lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    optimizers = [make_optimizer(model, config, next(model.parameters()).device) for model in (cpu_model, cuda_model)]
     for _ in range(3):
         for cpu_p, cuda_p in zip(cpu_model.parameters(), cuda_model.parameters()):
             cpu_p.grad = torch.randn_like(cpu_p)
