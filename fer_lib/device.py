@@ -26,8 +26,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-__all__ = ["DeviceSetup", "resolve_device", "cpu_has_bf16", "machine_description", "progress_mode",
-           "EpochProgress"]
+__all__ = ["DeviceSetup", "resolve_device", "cpu_has_bf16", "cpu_isa_limits", "machine_description",
+           "progress_mode", "EpochProgress"]
 
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -76,9 +76,27 @@ def _cpuinfo(key: str) -> str | None:
     return None
 
 
+# Environment variables that make torch's CPU kernels (ATen) and oneDNN's (convolutions) use
+# fewer instructions than the CPU has, e.g. to time an AVX2-only machine on an AVX-512 one.
+ISA_LIMIT_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+# oneDNN instruction sets below its bf16 ones (AVX512_CORE_BF16, AMX): bf16 is emulated there
+_ONEDNN_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def cpu_isa_limits() -> dict[str, str]:
+    """The ISA_LIMIT_VARIABLES set in this process's environment (empty: all of the CPU is used)."""
+    return {name: os.environ[name] for name in ISA_LIMIT_VARIABLES if os.environ.get(name)}
+
+
 @lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 matmul instructions (avx512_bf16 or AMX)."""
+    """True when the CPU has native bf16 matmul instructions (avx512_bf16 or AMX) and they are
+    not switched off by ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA (see cpu_isa_limits)."""
+    limits = cpu_isa_limits()
+    if limits.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ONEDNN_WITHOUT_BF16:
+        return False
+    if limits.get("ATEN_CPU_CAPABILITY", "").lower() in ("default", "avx2"):
+        return False
     flags = _cpuinfo("flags")
     if flags is not None:
         return bool(set(flags.split()) & {"avx512_bf16", "amx_bf16"})
@@ -97,7 +115,10 @@ def machine_description() -> str:
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     # platform.processor() is often empty on Linux; /proc/cpuinfo has the model name
     cpu = _cpuinfo("model name") or platform.processor() or platform.machine()
-    return f"{cpu} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+    limits = cpu_isa_limits()
+    limited = (" limited by " + " ".join(f"{k}={v}" for k, v in limits.items()) + " to") if limits else ""
+    kernels = f"{torch.backends.cpu.get_cpu_capability()} kernels"
+    return f"{cpu} CPU, {os.cpu_count()} cores,{limited} {kernels}, torch {torch.__version__}"
 
 
 def _has_conv(model: nn.Module | None) -> bool:

@@ -15,8 +15,10 @@ A step whose budget runs out is cut, not killed: the bench skips the models left
 starts no seed that would not fit and stops a run between epochs (`fer_lib.recipes`); each
 cut leaves a note. So the command always finishes and writes what it has into `--out`, at
 most 8 files: summary.json, gpu_run.log (everything printed), gpu_run.md (the tables),
-bench_peak.png and tta_<recipe>.png. Training run folders (checkpoints) go to a temporary
-folder that is removed at the end.
+bench_peak.png, tta_<recipe>.png, and record_best.safetensors + .json: the record seed with
+the best PublicTest accuracy, as shipped weights (`fer_lib.weights_io.save_run_weights`;
+~10 MB, under the 16 MiB a file may bring back). Other training run folders (checkpoints)
+go to a temporary folder that is removed at the end.
 
 Exit code: 0 when every step ran (a budget may have cut seeds or models: see the notes);
 1 when a step failed or was skipped for lack of time, or without CUDA and --dry-run.
@@ -67,6 +69,8 @@ RECIPE_STEPS = (("fast", "fast_gpu"), ("record", "record"))
 # The record step gets the time left; a short timed run first checks that one seed of the
 # recipe fits in it (`fitting_epochs`), else its epochs are cut to what fits.
 FIT_EPOCHS_STEPS = ("record",)
+# steps whose best seed (by PublicTest) comes back as <step>_best.safetensors + .json
+KEEP_WEIGHTS_STEPS = ("record",)
 CALIBRATION_STEPS = 40
 SEEDS = (0, 1, 2)
 # Seconds per step; the record recipe gets whatever is left. The reserve keeps time for
@@ -268,7 +272,7 @@ def fitting_epochs(recipe: str, data, budget: float, work: Path, overrides: dict
 
 
 def _step_recipe(name: str, recipe: str, budget: float, dry_run: bool, data, work: Path, out: Path, *,
-                 fit_epochs: bool = False) -> StepResult:
+                 fit_epochs: bool = False, keep_weights: bool = False) -> StepResult:
     from fer_lib.recipes import get_recipe, reproduce, summary_line_json, summary_markdown
 
     step = StepResult(name)
@@ -293,6 +297,16 @@ def _step_recipe(name: str, recipe: str, budget: float, dry_run: bool, data, wor
     step.note = "; ".join(notes + summary["skipped"]) or f"{len(summary['seeds'])} seeds"
     if summary["curves"]:
         _plot_curves(recipe, summary["curves"], out / f"tta_{recipe}.png")
+    if keep_weights and run.members:
+        from fer_lib.weights_io import save_run_weights
+
+        # chosen on PublicTest, the selection split; PrivateTest plays no part
+        best = max(run.members, key=lambda member: member.results["val_accuracy"])
+        path = save_run_weights(best.run_dir, out / f"{name}_best.safetensors")
+        step.result["weights"] = {"file": path.name, "seed": best.results.get("config", {}).get("seed"),
+                                  "val_accuracy": 100 * best.results["val_accuracy"],
+                                  "test_accuracy": 100 * best.results["test_accuracy"]}
+        print(f"{name}: weights of {best.run_dir.name} (best PublicTest) written to {path.name}", flush=True)
     return step
 
 
@@ -383,7 +397,7 @@ def run_steps(out: Path, data, *, dry_run: bool, total_seconds: float, work: Pat
                 step = _step_bench(budget, dry_run, out)
             else:
                 step = _step_recipe(name, recipe, budget, dry_run, data, work, out,
-                                    fit_epochs=name in FIT_EPOCHS_STEPS)
+                                    fit_epochs=name in FIT_EPOCHS_STEPS, keep_weights=name in KEEP_WEIGHTS_STEPS)
         except Exception as error:  # noqa: BLE001 - one step's failure must not lose the others
             traceback.print_exc()
             step = StepResult(name, "failed", note=f"{type(error).__name__}: {error}")

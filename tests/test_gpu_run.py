@@ -50,7 +50,7 @@ def test_dry_run_runs_every_step_and_writes_at_most_eight_files(fer_csv, tmp_pat
     assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files)
     assert all((out / f).is_file() for f in files)
     assert {"summary.json", "gpu_run.log", "gpu_run.md", "bench_peak.png", "tta_fast_gpu.png",
-            "tta_record.png"} <= set(files)
+            "tta_record.png", "record_best.safetensors", "record_best.json"} <= set(files)
     summary = json.loads((out / "summary.json").read_text())
     steps = {step["name"]: step for step in summary["steps"]}
     assert list(steps) == ["tests", "bench", "fast", "record"]
@@ -59,6 +59,16 @@ def test_dry_run_runs_every_step_and_writes_at_most_eight_files(fer_csv, tmp_pat
     assert {"exp3_cnn", "resnet18_48", "vgg_khaireddin", "fernet_small"} <= set(gpu_run.BENCH_MODELS)
     assert steps["fast"]["result"]["line"]["seeds"] == [0, 1, 2]
     assert steps["record"]["result"]["line"]["recipe"] == "record"
+    # the record seed with the best PublicTest comes back as loadable weights
+    runs = steps["record"]["result"]["runs"]
+    best = max(runs, key=lambda row: row["val_accuracy"])
+    weights = steps["record"]["result"]["weights"]
+    assert weights["seed"] == best["seed"] and weights["val_accuracy"] == pytest.approx(best["val_accuracy"])
+    from fer_lib.weights_io import load_weights
+
+    model, meta = load_weights(out / "record_best.safetensors")
+    assert model.registry_name == "fernet_large"
+    assert meta["metrics"]["val_accuracy"] == pytest.approx(best["val_accuracy"] / 100)
     assert summary["dry_run"] is True and summary["data"].startswith("packed")
     report = (out / "gpu_run.md").read_text()
     assert "fraction of peak" in report and "## fast" in report and "Time to PublicTest accuracy" in report

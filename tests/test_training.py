@@ -67,6 +67,27 @@ def test_resolve_device_on_cpu():
         resolve_device("cpu", precision="int8")
 
 
+@pytest.mark.parametrize("name, value", [("ATEN_CPU_CAPABILITY", "avx2"), ("ONEDNN_MAX_CPU_ISA", "AVX2"),
+                                         ("ONEDNN_MAX_CPU_ISA", "avx512_core")])
+def test_isa_limits_switch_bf16_off_and_are_named(monkeypatch, name, value):
+    # an AVX2-only machine timed on an AVX-512 one: "auto" must pick fp32 there, and every
+    # figure's machine line must say the kernels were limited
+    from fer_lib.device import ISA_LIMIT_VARIABLES, cpu_isa_limits, machine_description
+
+    for variable in ISA_LIMIT_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv(name, value)
+    cpu_has_bf16.cache_clear()
+    try:
+        assert cpu_isa_limits() == {name: value}
+        assert not cpu_has_bf16()
+        assert resolve_device("cpu").amp_dtype is None
+        if not torch.cuda.is_available():
+            assert f"limited by {name}={value} to " in machine_description()
+    finally:
+        cpu_has_bf16.cache_clear()
+
+
 def test_train_config_round_trip_and_validation():
     config = TrainConfig(epochs=3, optimizer="sgd", nesterov=True, augment=[("RandomRotation", {"degrees": 5})])
     again = TrainConfig.from_dict(config.to_dict())
