@@ -13,6 +13,11 @@ the bench and evaluation agree. Measured with torch 2.14.1:
   eager speed. On a 2-core Xeon with avx512_bf16 + AMX (bf16 autocast, channels_last, batch
   128): 57 s to compile fernet_small's step, then 0.66x the eager speed (741 vs 1,130 img/s).
   Hence compile is honoured on CUDA only.
+- A CPU without bf16 can be timed on one with it: ATEN_CPU_CAPABILITY=avx2
+  ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 limit torch's, oneDNN's and MKL's
+  kernels to AVX2; "auto" then picks fp32, and machine_description names the limit. On the
+  2-core Xeon this halves the fp32 matmul peak (434 -> 241 GFLOP/s) and fernet_small trains
+  at 492 instead of 778 img/s.
 """
 from __future__ import annotations
 
