@@ -313,3 +313,30 @@ def test_fast_cpu_at_its_measured_budgets_trains_half_its_epochs_on_crops():
     assert recipe.config_for(epochs=5).augment_early_epochs == 2
     assert recipe.config_for(epochs=5).eval_precision == "auto"
     assert get_recipe("cpu_record").config_for(epochs=5).augment_early_epochs == 0  # no crops there
+
+
+def test_fast_fp32_is_fast_cpu_with_downscaled_early_epochs_in_fp32(fer2013_csv, tmp_path, monkeypatch, capsys):
+    # docs/measurements.md: --epochs 5 (2 at 32x32) and 11 epochs (5 at 32x32), AVX2 kernels
+    from dataclasses import replace
+
+    import torch
+
+    from fer_lib.augment import build_augment
+
+    fast, fp32 = get_recipe("fast_cpu"), get_recipe("fast_fp32")
+    assert fp32.config_for().augment_early_epochs == 5 and fp32.config_for(epochs=5).augment_early_epochs == 2
+    assert fp32.config_for().precision == "fp32" and fp32.model == fast.model and fp32.prepare == fast.prepare
+    early = build_augment(fp32.config.augment_early)
+    faces = torch.rand(4, 1, 48, 48)
+    assert early(faces).shape == (4, 1, 32, 32)
+    # everything but the early augmentation, the epochs and the precision is fast_cpu's
+    same = {"augment_early": None, "epochs": 1, "precision": "auto", "augment_early_epochs": 0}
+    assert replace(fp32.config, **same) == replace(fast.config, **same)
+    # and it trains: one epoch on 32x32 faces, one at 48x48, in fp32 whatever the CPU has
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    out = tmp_path / "runs"
+    assert main(["--recipe", "fast_fp32", "--seeds", "0", "--epochs", "2", "--max-steps-per-epoch", "2",
+                 "--data", str(fer2013_csv((140, 35, 35))), "--out", str(out)]) == 0
+    results = json.loads((out / "fast_fp32-fer2013" / "seed0" / "results.json").read_text())
+    assert results["config"]["augment_early_epochs"] == 1 and results["epochs_run"] == 2
+    assert results["config"]["precision"] == "fp32" and "training on cpu fp32" in capsys.readouterr().out
