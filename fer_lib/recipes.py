@@ -148,7 +148,7 @@ RECIPES["fast_gpu"] = replace(
 # 40x40 crops, 0.45 instead of 0.68 of a 48x48 step; 11 epochs, 5 of them at 32x32. Timed on
 # a 2-core Xeon with torch's and oneDNN's kernels limited to AVX2 (docs/measurements.md):
 # --epochs 5 gives 66.02 +- 0.24% PrivateTest in 282 s (fast_cpu: 66.45 +- 0.41% in 320 s);
-# 11 epochs 68.68% (two seeds) in 610 s. With bf16 at 12 epochs the downscaled early epochs
+# 11 epochs 68.65 +- 0.64% in ~610 s. With bf16 at 12 epochs the downscaled early epochs
 # measured the same as the crops (PrivateTest 68.90 vs 68.96, two seeds; docs/ablations.md).
 RECIPES["fast_fp32"] = replace(
     RECIPES["fast_cpu"], name="fast_fp32",
