@@ -81,8 +81,9 @@ def _cpuinfo(key: str) -> str | None:
     return None
 
 
-# Environment variables that make torch's CPU kernels (ATen) and oneDNN's (convolutions) use
-# fewer instructions than the CPU has, e.g. to time an AVX2-only machine on an AVX-512 one.
+# Environment variables that make torch's CPU kernels (ATen), oneDNN's (convolutions) and
+# MKL's (matmuls) use fewer instructions than the CPU has, e.g. to time an AVX2-only machine
+# on an AVX-512 one.
 ISA_LIMIT_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 # oneDNN instruction sets below its bf16 ones (AVX512_CORE_BF16, AMX): bf16 is emulated there
 _ONEDNN_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}

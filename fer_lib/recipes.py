@@ -158,6 +158,7 @@ RECIPES["fast_fp32"] = replace(
         ["RandomHorizontalFlip", {"p": 0.5}],
         ["RandomResizedCrop", {"size": 32, "scale": [0.64, 1.0], "ratio": [1.0, 1.0]}]]))
 
+
 def get_recipe(name: str) -> Recipe:
     try:
         return RECIPES[name]
