@@ -200,18 +200,26 @@ def open_storage(storage: Any, *, heartbeat_interval: int | None = DEFAULT_HEART
                                                   **kwargs)
             except Exception as error:  # noqa: BLE001 - sorted out below
                 # Workers that start together on an empty database all create Optuna's
-                # tables; PostgreSQL's CREATE TABLE IF NOT EXISTS is not atomic, so all but
-                # one may hit a unique violation. The tables exist then: open it again.
-                if attempt == 2 or not _integrity_error(error):
+                # tables and enum types; PostgreSQL's CREATE ... IF NOT EXISTS is not atomic,
+                # so all but one may hit a unique violation or "type ... already exists".
+                # The schema exists then: open it again.
+                if attempt == 2 or not _created_concurrently(error):
                     raise _storage_error(error, shown) from error
                 time.sleep(0.5 * (attempt + 1))
     return None  # not reached: the loop returns or raises
 
 
-def _integrity_error(error: BaseException | None) -> bool:
-    """A unique violation anywhere in the chain (SQLAlchemy's IntegrityError, the driver's)."""
+# SQLSTATEs of "another session created it first": unique_violation, duplicate_object (an
+# enum type such as Optuna's studydirection), duplicate_table
+_CREATED_CONCURRENTLY = {"23505", "42710", "42P07"}
+
+
+def _created_concurrently(error: BaseException | None) -> bool:
+    """A unique violation or an already existing type/table anywhere in the chain
+    (SQLAlchemy's IntegrityError, the driver's errors with their SQLSTATE)."""
     while error is not None:
-        if type(error).__name__ in ("IntegrityError", "UniqueViolation"):
+        if (type(error).__name__ in ("IntegrityError", "UniqueViolation")
+                or getattr(error, "sqlstate", None) in _CREATED_CONCURRENTLY):
             return True
         error = error.__cause__ or error.__context__
     return False

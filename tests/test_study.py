@@ -403,3 +403,39 @@ def test_a_database_storage_has_heartbeats_and_retries_without_deprecated_names(
     assert storage.get_heartbeat_stale_trial_callback() is not None
     assert shared.heartbeat_interval(shared.open_storage(str(tmp_path / "j.journal"))) is None
     assert shared.open_storage(None) is None
+
+
+@pytest.mark.parametrize("driver_error", ["UniqueViolation", "DuplicateObject", "DuplicateTable"])
+def test_opening_a_database_another_worker_is_creating_retries(monkeypatch, tmp_path, driver_error):
+    # two workers on an empty PostgreSQL database both create Optuna's schema; the loser sees
+    # a unique violation or 'type "studydirection" already exists' (DuplicateObject), wrapped
+    # by SQLAlchemy: the schema is there then, so opening again must succeed
+    import psycopg.errors
+    import sqlalchemy.exc
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            orig = getattr(psycopg.errors, driver_error)("already exists")
+            try:
+                raise orig
+            except Exception as error:  # chain it as SQLAlchemy does
+                raise sqlalchemy.exc.ProgrammingError("CREATE ...", {}, error) from error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    storage = shared.open_storage(f"sqlite:///{tmp_path / 'r.db'}", heartbeat_interval=None)
+    assert len(calls) == 2 and storage is not None
+    # any other error is no race: one clear error, no retry
+    calls.clear()
+
+    def broken(*args, **kwargs):
+        calls.append(args)
+        raise sqlalchemy.exc.OperationalError("connect", {}, OSError("connection refused"))
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", broken)
+    with pytest.raises(shared.StorageError, match="connection refused"):
+        shared.open_storage(f"sqlite:///{tmp_path / 'r.db'}", heartbeat_interval=None)
+    assert len(calls) == 1
