@@ -236,11 +236,16 @@ def test_epoch_probe_saves_its_points_and_a_resumed_probe_continues_them(tmp_pat
     assert [p["seconds"] for p in resumed.points] == [10.0, 22.0, 33.0]
     assert resumed.probe_seconds > first.probe_seconds
     # resumed from an earlier checkpoint (after epoch 1): epoch 2 is trained again and replaces
-    # the saved epochs from 2 on, time and probe time included
+    # the saved epochs from 2 on, time and probe time included (the saved probe times of
+    # epochs 2-3 are made 1000 s longer, so keeping them could not pass for timing noise)
+    saved = json.loads(path.read_text())
+    for point in saved["points"][1:]:
+        point["probe_seconds"] += 1000.0
+    path.write_text(json.dumps(saved))
     again = EpochProbe(_tiny_split(), epochs=3, precision="fp32", path=path, resume=True)
     again({"epoch": 2, "seconds": 20.0, "val_accuracy": 0.58}, model)
     assert [(p["epoch"], p["seconds"]) for p in again.points] == [(1, 10.0), (2, 30.0)]
-    assert again.probe_seconds < resumed.probe_seconds
+    assert again.probe_seconds < 1000.0 < saved["points"][1]["probe_seconds"]
     # without resume the file is not read: a fresh run starts from nothing
     assert EpochProbe(_tiny_split(), epochs=3, path=path).points == []
     path.write_text('{"points": [{"epoch": 1}]}')
