@@ -88,6 +88,31 @@ def test_isa_limits_switch_bf16_off_and_are_named(monkeypatch, name, value):
         cpu_has_bf16.cache_clear()
 
 
+@pytest.mark.parametrize("flags, limit, expected", [
+    ("avx2 avx512f avx512_bf16 amx_bf16 amx_tile", None, "bf16 via avx512_bf16 + AMX"),  # Xeon (Sapphire Rapids)
+    ("avx2 avx512f avx512_bf16", None, "bf16 via avx512_bf16"),                         # EPYC (Zen 4)
+    ("avx2 fma", None, "no bf16"),                                                     # AVX2-only EPYC
+    ("avx2 avx512f avx512_bf16 amx_bf16", "AVX2", "no bf16"),                           # limited to AVX2
+])
+def test_machine_line_names_the_bf16_units(monkeypatch, flags, limit, expected):
+    # the same "AVX512 kernels" can be a Xeon with AMX or an EPYC without it: figures must say which
+    import fer_lib.device as device
+
+    for variable in device.ISA_LIMIT_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    if limit:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
+    monkeypatch.setattr(device, "_cpuinfo", lambda key: flags if key == "flags" else "Test CPU")
+    cpu_has_bf16.cache_clear()
+    try:
+        assert device.cpu_bf16_units() == expected
+        if not torch.cuda.is_available():
+            assert device.machine_description().startswith("Test CPU CPU, ")
+            assert f", {expected}, torch " in device.machine_description()
+    finally:
+        cpu_has_bf16.cache_clear()
+
+
 def test_train_config_round_trip_and_validation():
     config = TrainConfig(epochs=3, optimizer="sgd", nesterov=True, augment=[("RandomRotation", {"degrees": 5})])
     again = TrainConfig.from_dict(config.to_dict())
