@@ -95,6 +95,8 @@ ABLATIONS: tuple[Ablation, ...] = (
     Ablation("avgpool", "2x2 average pooling inside each stage instead of max pooling",
              model_kwargs={"downsample": "avg"}),
     Ablation("relu_avgpool", "ReLU and average pooling together", model_kwargs={"act": "relu", "downsample": "avg"}),
+    Ablation("stride_down", "each stage's first conv at stride 2 instead of conv + 2x2 max pooling",
+             model_kwargs={"downsample": "stride"}),
 )
 
 

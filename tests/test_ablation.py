@@ -337,9 +337,24 @@ def test_fernet_activation_and_downsampling_options(data):
     assert default.state_dict().keys() == relu_avg.state_dict().keys()  # same weights, other ops
     x = torch.rand(2, 1, 48, 48)
     assert relu_avg(x).shape == (2, 7)
-    for bad in ({"act": "swish"}, {"downsample": "stride"}):
+    for bad in ({"act": "swish"}, {"downsample": "blur"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             create_model("fernet_small", **bad)
+
+
+def test_fernet_strided_downsampling_replaces_the_pooling():
+    strided = create_model("fernet_small", downsample="stride")
+    assert not any(isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) for m in strided.modules())
+    firsts = [stage.layers[0] for stage in strided.stages]
+    assert [conv.stride for conv in firsts] == [(2, 2)] * 3
+    # the same tensors as the pooled net, in order (the keys move: no pooling layer between),
+    # so the variant changes the ops and the FLOPs, not the parameters
+    assert [v.shape for v in strided.state_dict().values()] == \
+        [v.shape for v in create_model("fernet_small").state_dict().values()]
+    for side in (48, 40, 32):  # progressive resizing feeds smaller faces early
+        x = torch.rand(2, 1, side, side)
+        assert strided.stages(strided.stem(x)).shape[-1] == side // 8
+        assert strided(x).shape == (2, 7)
 
 
 @pytest.mark.parametrize("name", ["fernet_small", "fernet", "fernet_large"])

@@ -20,16 +20,19 @@ from fer_lib.models.registry import register_model
 SOURCE = "ours (fer_lib)"
 
 
-def _conv(in_channels: int, out_channels: int) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+def _conv(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
 
 
 # Activations and ways to halve the map. GELU and 2x2 max pooling are the airbench choices;
 # on a 2-core CPU in bf16 a training step of fernet_small spends ~14% in GELU and ~22% in max
 # pooling (forward, backward and the backward's zero fill), so ReLU and average pooling are
 # offered as cheaper alternatives (docs/ablations.md measures what they cost in accuracy).
+# "stride" halves the map in the stage's first conv itself (stride 2, no pooling): that conv
+# then computes a quarter of the outputs, the cheapest of the three where convolutions
+# dominate the step (fp32 on a CPU).
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
-DOWNSAMPLES = ("max", "avg")
+DOWNSAMPLES = ("max", "avg", "stride")
 
 
 def _activation(name: str) -> nn.Module:
@@ -41,7 +44,8 @@ def _activation(name: str) -> nn.Module:
 class FerStage(nn.Module):
     """conv3x3 -> pool2 -> BN -> act -> [conv3x3 -> BN -> act] x (convs - 1).
 
-    downsample: "max" (2x2 max pooling) or "avg" (2x2 average pooling).
+    downsample: "max" (2x2 max pooling), "avg" (2x2 average pooling) or "stride" (the first
+    conv with stride 2 in place of conv + pooling; the same weights).
     """
 
     def __init__(self, in_channels: int, out_channels: int, convs: int = 2, act: str = "gelu",
@@ -49,9 +53,11 @@ class FerStage(nn.Module):
         super().__init__()
         if downsample not in DOWNSAMPLES:
             raise ValueError(f"fernet: downsample must be one of {', '.join(DOWNSAMPLES)}, got {downsample!r}")
-        pool = nn.MaxPool2d(2) if downsample == "max" else nn.AvgPool2d(2)
-        layers: list[nn.Module] = [_conv(in_channels, out_channels), pool,
-                                   nn.BatchNorm2d(out_channels), _activation(act)]
+        if downsample == "stride":
+            layers: list[nn.Module] = [_conv(in_channels, out_channels, stride=2)]
+        else:
+            layers = [_conv(in_channels, out_channels), nn.MaxPool2d(2) if downsample == "max" else nn.AvgPool2d(2)]
+        layers += [nn.BatchNorm2d(out_channels), _activation(act)]
         for _ in range(convs - 1):
             layers += [_conv(out_channels, out_channels), nn.BatchNorm2d(out_channels), _activation(act)]
         self.layers = nn.Sequential(*layers)
@@ -118,8 +124,8 @@ def fernet(num_classes: int = 7, in_chans: int = 1, *,
     pool ("avgmax" adds the mean); dropout; Linear(no bias) * logit_scale.
     Convs have no bias (BN follows). With 3 stages the map entering the pool is 6x6.
     kwargs: widths=(64,128,256), stem_width=None, convs_per_stage=2, pool="max"|"avgmax",
-    dropout_rate=0.0, logit_scale=1/9, act="gelu"|"relu", downsample="max"|"avg" (the pooling
-    inside each stage).
+    dropout_rate=0.0, logit_scale=1/9, act="gelu"|"relu", downsample="max"|"avg"|"stride" (how
+    each stage halves the map: pooling after its first conv, or that conv at stride 2).
     """
     return _fernet(num_classes, in_chans, widths, stem_width, convs_per_stage, pool,
                    dropout_rate, logit_scale, act, downsample)
