@@ -13,7 +13,9 @@
   notebook, read from the record each notebook's results cell displays under
   `fer_lib.results.RESULTS_MIMETYPE` (never typed) and from the run's `timings.csv`
   (wall seconds, machine);
-- `summary.png` and, when the run holds one, `time_to_accuracy.png` (written by 08).
+- `summary.png`, drawn from the published rows (so it shows exactly the notebooks published,
+  also when the run folder's own summary.png covers another subset), and, when the run
+  holds one, `time_to_accuracy.png` (written by 08).
 
 Nothing is written unless every notebook passes: a missing notebook or results record, a
 failed execution, a path the scrubber cannot remove or a series over `max_bytes` raises
@@ -46,7 +48,7 @@ WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 # Base64 payloads: '/' is part of the alphabet, so they are neither scrubbed nor searched.
 BINARY_MIMETYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp",
                               "application/pdf"})
-FIGURES = ("summary.png", "time_to_accuracy.png")
+FIGURES = ("time_to_accuracy.png",)  # copied from the run folder; summary.png is drawn
 
 _PART = r"[\w.@+-]+"
 # A URL is left alone (its path is not a file on this machine), except a file: URL.
@@ -300,7 +302,7 @@ def summary_markdown(rows: list[dict[str, Any]], profile: str) -> str:
 
 
 def _summary_png(rows: list[dict[str, Any]]) -> bytes:
-    """summary.png from the published rows (used when the run folder has none)."""
+    """summary.png from the published rows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -400,14 +402,12 @@ def publish_series(profile_dir: str | os.PathLike, dest: str | os.PathLike | Non
     texts = {f"{name}.ipynb": nbformat.writes(nb) + "\n" for name, nb in prepared.items()}
     texts["summary.csv"] = summary_csv(rows)
     texts["summary.md"] = summary_markdown(rows, profile)
-    figures: dict[str, bytes] = {}
+    figures: dict[str, bytes] = {"summary.png": _summary_png(rows)}
     for figure in FIGURES:
         for candidate in (profile_dir / figure, profile_dir / "08_final_model" / figure):
             if candidate.is_file():
                 figures[figure] = candidate.read_bytes()
                 break
-    if "summary.png" not in figures:
-        figures["summary.png"] = _summary_png(rows)
 
     sizes = {n: len(t.encode("utf-8")) for n, t in texts.items()}
     sizes.update({n: len(b) for n, b in figures.items()})

@@ -180,7 +180,10 @@ def test_published_notebooks_keep_outputs_and_lose_paths_and_widgets(run_root, t
         assert "fer_lib/training.py:88" in tb[1] and "\x1b[0;32m" in tb[1]
         assert ".../warnings.py" in tb[2] and ".../training.py" in tb[3]
     assert (target / "time_to_accuracy.png").read_bytes() == png_bytes(4, 4)
-    assert (target / "summary.png").read_bytes() == png_bytes(3, 3)
+    # summary.png is drawn from the published rows, never the run folder's (which may cover
+    # another subset of the series)
+    assert (target / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (target / "summary.png").read_bytes() != png_bytes(3, 3)
 
 
 def test_summary_is_read_from_the_results_records_and_timings(run_root, tmp_path):
