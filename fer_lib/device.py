@@ -91,6 +91,8 @@ def _cpuinfo(key: str) -> str | None:
 ISA_LIMIT_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 # oneDNN instruction sets below its bf16 ones (AVX512_CORE_BF16, AMX): bf16 is emulated there
 _ONEDNN_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}
+# /proc/cpuinfo flags of native bf16 matmul instructions, and their names in machine lines
+_BF16_FLAGS = {"avx512_bf16": "avx512_bf16", "amx_bf16": "AMX"}
 
 
 def cpu_isa_limits() -> dict[str, str]:
@@ -109,7 +111,7 @@ def cpu_has_bf16() -> bool:
         return False
     flags = _cpuinfo("flags")
     if flags is not None:
-        return bool(set(flags.split()) & {"avx512_bf16", "amx_bf16"})
+        return bool(set(flags.split()) & _BF16_FLAGS.keys())
     # no /proc (macOS, Windows): ask oneDNN, which checks the same instructions
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -142,7 +144,7 @@ def cpu_bf16_units() -> str:
     if not cpu_has_bf16():
         return "no bf16"
     flags = set((_cpuinfo("flags") or "").split())
-    units = [name for flag, name in (("avx512_bf16", "avx512_bf16"), ("amx_bf16", "AMX")) if flag in flags]
+    units = [name for flag, name in _BF16_FLAGS.items() if flag in flags]
     return "bf16 via " + (" + ".join(units) or "oneDNN")
 
 
