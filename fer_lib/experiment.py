@@ -229,7 +229,9 @@ class ReportExperiment:
     are the report's best run: the final run's values and the sweep's first trial. The
     training setup is the reports': Adam, ReduceLROnPlateau on the validation loss (x0.5
     after `plateau_patience` epochs), early stopping after `patience` epochs without a better
-    PublicTest accuracy. `epochs` bounds every training here: sweep_epochs=None means
+    PublicTest accuracy. optimizer: "adam" (torch's Adam, weight decay added to the gradient:
+    the reports' literal reading) or "adamw" (decoupled weight decay; 07 needs it to learn as
+    its report's log does, docs/experiments.md). `epochs` bounds every training here: sweep_epochs=None means
     min(report_sweep_epochs, epochs), so `-p epochs 1` really means one epoch everywhere.
 
     sweep_storage / sweep_study: None runs the sweep in memory. A database URL or journal
@@ -253,6 +255,7 @@ class ReportExperiment:
     hidden_dim: int | None = None
     patience: int | None = None
     plateau_patience: int = 3
+    optimizer: str = "adam"
     sweep_count: int = 3
     sweep_epochs: int | None = None
     sweep_fraction: float = 1.0
@@ -266,6 +269,8 @@ class ReportExperiment:
     def __post_init__(self) -> None:
         if self.sweep not in REPORT_SWEEPS:
             raise ValueError(f"unknown report sweep {self.sweep!r}; known: {sorted(REPORT_SWEEPS)}")
+        if self.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
         if self.sweep_count < 0:
             raise ValueError(f"sweep_count must be >= 0, got {self.sweep_count}")
         searched = set(REPORT_SWEEPS[self.sweep]["parameters"])
@@ -285,7 +290,7 @@ class ReportExperiment:
         """The final run's TrainConfig (before the sweep's best parameters are applied)."""
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                            weight_decay=self.weight_decay, label_smoothing=self.label_smoothing or 0.0,
-                           augment=self.augment, optimizer="adam", scheduler="plateau",
+                           augment=self.augment, optimizer=self.optimizer, scheduler="plateau",
                            plateau_patience=self.plateau_patience, plateau_factor=0.5,
                            early_stopping_patience=self.patience, seed=self.seed, device=self.device,
                            precision=self.precision, max_steps_per_epoch=self.max_steps_per_epoch)
@@ -318,6 +323,8 @@ class ReportExperiment:
             lines.append(f"shared study '{self.sweep_study or self.name}' in "
                          f"{redact(self.sweep_storage)}: {self.sweep_count} trials in total, "
                          "from every run that joins it")
+        if self.optimizer != "adam":
+            lines.append(f"optimizer {self.optimizer} (decoupled weight decay) instead of the report's Adam")
         if self.epochs < self.report_sweep_epochs:
             lines.append(f"note: {self.epochs} epochs is fewer than the report's "
                          f"{self.report_sweep_epochs}; expect a lower number than the report's")

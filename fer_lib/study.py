@@ -91,7 +91,7 @@ REPORT_EXPERIMENTS: dict[str, dict[str, Any]] = {
                  label_smoothing=0.222, patience=8, augment="exp5"),
     "exp6": dict(name="07_resnet_small", model="exp6_resnet_small", report_sweep_epochs=20,
                  epochs=25, lr=0.00409, batch_size=64, weight_decay=2.27e-3, dropout_rate=0.361,
-                 label_smoothing=0.224, patience=4, augment="exp6"),
+                 label_smoothing=0.224, patience=4, augment="exp6", optimizer="adamw"),
 }
 
 _STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed",

@@ -76,6 +76,16 @@ def test_report_experiment_first_trial_is_the_reports_best_run():
         _report_experiment(sweep="exp9")
 
 
+def test_report_experiment_optimizer_is_adam_unless_decoupled_decay_is_asked_for():
+    assert _report_experiment().base.optimizer == "adam"  # the reports' literal reading
+    decoupled = _report_experiment(optimizer="adamw")
+    assert decoupled.base.optimizer == "adamw" and decoupled.base.weight_decay == 1e-3
+    assert "adamw (decoupled weight decay)" in decoupled.describe()
+    assert "adamw" not in _report_experiment().describe()
+    with pytest.raises(ValueError, match="optimizer must be 'adam' or 'adamw', got 'sgd'"):
+        _report_experiment(optimizer="sgd")
+
+
 def test_report_experiment_without_sweep_trains_the_reports_best_run(data, tmp_path):
     sweep, result = _report_experiment(sweep_count=0).run(data, run_dir=tmp_path / "run",
                                                           wandb_mode="disabled")
