@@ -34,9 +34,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from fer_lib.fileio import atomic_write_text, checkout_root
+from fer_lib.fileio import atomic_write_bytes, atomic_write_text, checkout_root
 from fer_lib.results import RESULTS_MIMETYPE
-from fer_lib.series import NOTEBOOKS
+from fer_lib.series import NOTEBOOKS, merge_timings
 
 SUMMARY_COLUMNS = ("notebook", "model", "epochs", "val_accuracy", "test_accuracy", "macro_f1",
                    "claim_accuracy", "claim_metric", "wall_seconds", "machine")
@@ -434,6 +434,42 @@ def publish_series(profile_dir: str | os.PathLike, dest: str | os.PathLike | Non
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def restore_run_folder(published: str | os.PathLike, profile_dir: str | os.PathLike) -> list[str]:
+    """Fill a run folder with the published notebooks it lacks; return their names.
+
+    runs/ is not in the repository, so a fresh checkout that runs one notebook again has a
+    run folder holding that notebook alone, and publishing the series needs the others. For
+    each notebook in `published` (executed/<profile>/) whose run folder has no notebook, this
+    copies the published one (already scrubbed: publishing it again gives the same file),
+    adds its summary.csv wall seconds and machine to timings.csv, and, with 08, 08's figures.
+    Nothing the run folder holds is replaced. PublishError when `published` has no summary.csv.
+    """
+    published, profile_dir = Path(published), Path(profile_dir)
+    summary = published / "summary.csv"
+    if not summary.is_file():
+        raise PublishError(f"{published.name}: no published series to restore from "
+                           f"({summary.name} missing in {published})")
+    with summary.open(newline="", encoding="utf-8") as handle:
+        rows = {row["notebook"]: row for row in csv.DictReader(handle)}
+    restored, timings = [], []
+    for name in NOTEBOOKS:
+        source, target = published / f"{name}.ipynb", profile_dir / name / f"{name}.ipynb"
+        if name not in rows or not source.is_file() or target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(target, source.read_text(encoding="utf-8"))
+        timings.append({"notebook": name, "seconds": float(rows[name]["wall_seconds"]),
+                        "output": f"{name}/{name}.ipynb", "machine": rows[name]["machine"]})
+        if name == "08_final_model":
+            for figure in FIGURES:
+                if (published / figure).is_file():
+                    atomic_write_bytes(target.parent / figure, (published / figure).read_bytes())
+        restored.append(name)
+    if timings:
+        merge_timings(profile_dir, timings)
+    return restored
 
 
 def readme_results_table(executed: str | os.PathLike | None = None,

@@ -16,6 +16,8 @@ summary covers every notebook with a results.json, so a series can be run in pie
 Publishing (fer_lib.publish): `--publish` after the run, or `--publish-only` for an existing
 run folder, writes `executed/<profile>/` (the notebooks with outputs, scrubbed of machine
 paths and widget state, plus summary.csv/.md/.png) for GitHub.
+`--restore` first copies into the run folder the published notebooks it lacks (runs/ is not
+in the repository: a fresh checkout that ran one notebook again can still publish them all).
 """
 from __future__ import annotations
 
@@ -319,9 +321,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--executed", default=None,
                         help="where published series go (default: executed/ in the checkout, "
                              "else ./executed/)")
+    parser.add_argument("--restore", action="store_true",
+                        help="before publishing, copy into runs/<profile>/ the notebooks of "
+                             "executed/<profile>/ it lacks, with their timings (a fresh checkout "
+                             "that ran one notebook again can publish the series)")
     parser.add_argument("--results-table", action="store_true",
                         help="run nothing: print the README's results table from executed/")
     args = parser.parse_args(argv)
+    if args.restore and not (args.publish or args.publish_only):
+        parser.error("--restore goes with --publish or --publish-only")
     if args.results_table:
         from fer_lib.publish import readme_results_table
 
@@ -337,9 +345,13 @@ def main(argv: list[str] | None = None) -> int:
                               data_path=args.data, wandb_mode=args.wandb_mode,
                               overrides={"resume": True} if args.resume else None)
     if args.publish or args.publish_only:
-        from fer_lib.publish import PublishError, publish_series
+        from fer_lib.publish import PublishError, executed_folder, publish_series, restore_run_folder
 
         try:
+            if args.restore:
+                published = Path(args.executed or executed_folder()) / out_root.name
+                restored = restore_run_folder(published, out_root)
+                print(f"restored from {published.name}/: {', '.join(restored) or 'nothing'}", flush=True)
             # with --publish-only, --notebooks publishes part of a profile still in progress
             target = publish_series(out_root, args.executed, data_path=args.data,
                                     notebooks=args.notebooks if args.publish_only else None)

@@ -9,6 +9,7 @@ import base64
 import csv
 import hashlib
 import os
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -274,6 +275,38 @@ def test_cli_publish_only(run_root, tmp_path, capsys):
     assert sorted(p.name for p in (dest / "cpu").glob("*.ipynb")) == ["02_mlp_baseline.ipynb",
                                                                       "03_cnn.ipynb"]
     assert "2 of the 8 notebooks" in (dest / "cpu" / "summary.md").read_text()
+
+
+def test_restore_lets_a_fresh_run_folder_holding_one_notebook_publish_the_series(run_root, tmp_path, capsys):
+    """A fresh checkout has no runs/: it runs 07 again, restores the rest from executed/."""
+    from fer_lib.publish import restore_run_folder
+
+    dest = tmp_path / "executed"
+    first = snapshot(publish_series(run_root / "cpu", dest))
+    fresh = tmp_path / "fresh" / "runs"
+    (fresh / "cpu" / "07_resnet_small").mkdir(parents=True)
+    rerun = run_root / "cpu" / "07_resnet_small" / "07_resnet_small.ipynb"
+    shutil.copyfile(rerun, fresh / "cpu" / "07_resnet_small" / "07_resnet_small.ipynb")
+    merge_timings(fresh / "cpu", [{"notebook": "07_resnet_small", "seconds": 99.0,
+                                   "output": "07_resnet_small/07_resnet_small.ipynb", "machine": "Other CPU"}])
+    assert main(["--publish-only", "--profile", "cpu", "--out", str(fresh), "--executed", str(dest),
+                 "--restore"]) == 0
+    assert "restored from cpu/: 01_data_exploration, 02_mlp_baseline, 03_cnn" in capsys.readouterr().out
+    second = snapshot(dest / "cpu")
+    # the restored notebooks, 08's figure and the plot publish unchanged; only 07 (its paths come
+    # from another run folder) and the summary's table (07's new timing) differ
+    assert set(second) == set(first)
+    assert {k for k in first if first[k] != second[k]} == {"07_resnet_small.ipynb", "summary.csv", "summary.md"}
+    timings = load_timings(fresh / "cpu").set_index("notebook")
+    assert timings.loc["07_resnet_small", "seconds"] == 99.0
+    assert timings.loc["07_resnet_small", "machine"] == "Other CPU"
+    assert timings.loc["03_cnn", "seconds"] == 30.0 and timings.loc["03_cnn", "machine"] == MACHINE
+    assert restore_run_folder(dest / "cpu", fresh / "cpu") == []  # nothing is replaced
+    with pytest.raises(PublishError, match="no published series to restore from"):
+        restore_run_folder(tmp_path / "nowhere" / "cpu", fresh / "cpu")
+    with pytest.raises(SystemExit):
+        main(["--profile", "cpu", "--restore", "--notebooks", "02_mlp_baseline"])
+    assert "--restore goes with --publish" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text, expected", [
