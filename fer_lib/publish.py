@@ -8,7 +8,8 @@
   outputs) and execution counts, scrubbed: no absolute path of any machine (the run folder
   becomes `runs/<profile>/...`, the data file its file name, the checkout `.`, the home folder
   `~`, installed packages `site-packages/...`, any other absolute path `.../<last part>`), no
-  widget state;
+  widget state, and no figure whose base64 text happens to spell a machine path such as
+  `/tmp/` (encoded again, same pixels);
 - `summary.csv` (SUMMARY_COLUMNS, accuracies in percent) and `summary.md`: one row per
   notebook, read from the record each notebook's results cell displays under
   `fer_lib.results.RESULTS_MIMETYPE` (never typed) and from the run's `timings.csv`
@@ -49,6 +50,11 @@ WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 BINARY_MIMETYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp",
                               "application/pdf"})
 FIGURES = ("time_to_accuracy.png",)  # copied from the run folder; summary.png is drawn
+# Base64 text is not searched for paths, but a plain text search of the repository (grep for
+# '/tmp/') reads it like any other text, and 5 characters of a figure spell '/tmp/' by chance
+# about once in 10^9 positions: often enough over a series. Such a PNG is encoded again.
+PATH_LIKE_IN_BASE64 = re.compile(
+    r"/(?:tmp|home|work|root|Users|mnt|scratch|private|var|opt|data|srv|media|content)/")
 
 _PART = r"[\w.@+-]+"
 # A URL is left alone (its path is not a file on this machine), except a file: URL.
@@ -138,6 +144,41 @@ def _walk_strings(node: Any, fn: Callable[[str], Any], *, mimetype: str | None =
                 out[key] = _walk_strings(value, fn, mimetype=mimetype)
         return out
     return node
+
+
+def png_without_path_like_text(b64: str) -> str:
+    """The same PNG (same pixels and mode), encoded again until its base64 text holds nothing
+    that reads as a machine path (`PATH_LIKE_IN_BASE64`); returned unchanged when it holds none."""
+    import base64
+
+    from PIL import Image
+
+    if not PATH_LIKE_IN_BASE64.search(b64):
+        return b64
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    image.load()
+    # Each zlib level gives other bytes; the chance that all ten spell a path is nil.
+    for level in range(9, -1, -1):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", compress_level=level)
+        text = base64.b64encode(buffer.getvalue()).decode("ascii")
+        if not PATH_LIKE_IN_BASE64.search(text):
+            return text + ("\n" if b64.endswith("\n") else "")
+    raise PublishError("a figure reads as a machine path at every PNG compression level")
+
+
+def reencode_path_like_figures(nb: Any) -> int:
+    """Encode again, in place, every PNG output whose base64 text reads as a machine path;
+    returns how many were."""
+    changed = 0
+    for cell in nb.get("cells", []):
+        for output in cell.get("outputs", []) or []:
+            data = output.get("data") or {}
+            payload = data.get("image/png")
+            if isinstance(payload, str) and PATH_LIKE_IN_BASE64.search(payload):
+                data["image/png"] = png_without_path_like_text(payload)
+                changed += 1
+    return changed
 
 
 def notebook_absolute_paths(nb: Any) -> list[str]:
@@ -340,6 +381,7 @@ def prepare_notebook(path: Path, name: str, profile: str, profile_dir: Path,
     scrub = make_scrubber(_prefixes(nb, name, profile, profile_dir, data_path))
     clean = nbformat.from_dict(_walk_strings(dict(nb), scrub))
     strip_widgets(clean)
+    reencode_path_like_figures(clean)
     left = notebook_absolute_paths(clean)
     if left:
         raise PublishError(f"{name}: absolute paths survive scrubbing: {left[:3]}")

@@ -8,6 +8,7 @@ read from the records. Failures must leave an existing publication untouched.
 import base64
 import csv
 import hashlib
+import io
 import os
 import shutil
 import struct
@@ -19,7 +20,15 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 from path_check import absolute_paths, strings  # tests/ is on sys.path
 
-from fer_lib.publish import SUMMARY_COLUMNS, PublishError, find_absolute_paths, make_scrubber, publish_series
+from fer_lib.publish import (
+    PATH_LIKE_IN_BASE64,
+    SUMMARY_COLUMNS,
+    PublishError,
+    find_absolute_paths,
+    make_scrubber,
+    png_without_path_like_text,
+    publish_series,
+)
 from fer_lib.results import claim_row
 from fer_lib.series import NOTEBOOKS, load_timings, main, merge_timings, summarise_series
 
@@ -185,6 +194,44 @@ def test_published_notebooks_keep_outputs_and_lose_paths_and_widgets(run_root, t
     # another subset of the series)
     assert (target / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (target / "summary.png").read_bytes() != png_bytes(3, 3)
+
+
+def png_spelling_in_base64(word="/tmp/xyz"):
+    """A valid PNG whose base64 text holds `word` (8 base64 characters = 6 bytes): the bytes
+    `word` decodes to, placed at a multiple of 3 bytes inside an ancillary tEXt chunk."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    image = png_bytes(5, 3)
+    head, rest = image[:33], image[33:]            # signature + IHDR, then IDAT + IEND
+    start = len(head) + 8 + len(b"Comment\x00")      # where the chunk's text begins
+    text = b"x" * (-start % 3) + base64.b64decode(word)
+    return head + chunk(b"tEXt", b"Comment\x00" + text) + rest
+
+
+def test_a_figure_whose_base64_spells_a_machine_path_is_encoded_again(run_root, tmp_path):
+    from PIL import Image
+
+    crafted = base64.b64encode(png_spelling_in_base64()).decode()
+    assert "/tmp/xyz" in crafted and PATH_LIKE_IN_BASE64.search(crafted)
+    again = png_without_path_like_text(crafted)
+    assert not PATH_LIKE_IN_BASE64.search(again)
+    pixels = [Image.open(io.BytesIO(base64.b64decode(b))) for b in (crafted, again)]
+    assert pixels[0].mode == pixels[1].mode and pixels[0].size == pixels[1].size == (5, 3)
+    assert pixels[0].tobytes() == pixels[1].tobytes()
+    assert png_without_path_like_text(PNG) == PNG  # nothing path-like: left as it is
+
+    # and through a publish: the published notebook's raw text holds no such figure
+    name = NOTEBOOKS[2]
+    path = run_root / "cpu" / name / f"{name}.ipynb"
+    nb = nbformat.read(str(path), as_version=4)
+    nb.cells[-1].outputs.append(new_output("display_data", data={"image/png": crafted, "text/plain": "<Figure>"}))
+    nbformat.write(nb, str(path))
+    raw = (publish_series(run_root / "cpu", tmp_path / "executed") / f"{name}.ipynb").read_text()
+    assert not PATH_LIKE_IN_BASE64.search(raw)
+    published = nbformat.reads(raw, as_version=4)
+    figures = [o.data["image/png"] for c in published.cells for o in c.get("outputs", [])
+               if o.get("data", {}).get("text/plain") == "<Figure>"]
+    assert figures == [again]
 
 
 def test_summary_is_read_from_the_results_records_and_timings(run_root, tmp_path):
