@@ -65,3 +65,21 @@ def test_profiles_only_name_notebook_parameters_that_exist():
             assert not unknown, f"profile {profile} sets {unknown} that {name} does not define"
     params = notebook_parameters(NOTEBOOKS[0], "cpu", tmp := __import__("pathlib").Path("x/y"), None, None)
     assert params["run_dir"] == str(tmp) and params["profile"] == "cpu"
+
+
+def test_cpu_and_report_profiles_run_no_sweep_and_no_model_zoo():
+    """Both profiles meant for a CPU skip what multiplies the time: every notebook with a sweep
+    gets sweep_count 0, and 08 trains no model zoo (25 models; the full profile runs it)."""
+    import papermill as pm
+
+    from fer_lib.series import notebook_path
+
+    for profile in ("cpu", "report"):
+        for name in NOTEBOOKS:
+            defaults = pm.inspect_notebook(str(notebook_path(name)))
+            params = PROFILES[profile].get(name, {})
+            if "sweep_count" in defaults:
+                assert params.get("sweep_count") == 0, f"{profile}/{name} runs its sweep"
+            if "zoo_epochs" in defaults:
+                assert params.get("zoo_epochs") == 0, f"{profile}/{name} trains the model zoo"
+    assert PROFILES["full"]["08_final_model"] == {}  # the full profile keeps the notebook's zoo
