@@ -196,12 +196,12 @@ def plot_history(history: Sequence[Mapping[str, Any]] | pd.DataFrame, *,
             if column in frame and frame[column].notna().any():
                 ax.plot(epochs, frame[column], style, markersize=3, label=split)
         if key == "accuracy":
-            for label, other in (others or {}).items():
+            for other_label, other in (others or {}).items():
                 other_frame = pd.DataFrame(list(other))
                 if "val_accuracy" in other_frame:
                     other_epochs = other_frame.get("epoch", pd.Series(range(1, len(other_frame) + 1)))
                     ax.plot(other_epochs, other_frame["val_accuracy"], "--", alpha=0.7,
-                            label=f"val, {label}")
+                            label=f"val, {other_label}")
         if key == "accuracy" and "val_accuracy" in frame and frame["val_accuracy"].notna().any():
             best = frame["val_accuracy"].astype(float).idxmax()  # skips NaN epochs
             ax.axvline(epochs.loc[best], color="grey", linestyle=":", linewidth=1)

@@ -139,6 +139,8 @@ def test_per_class_f1_beside_a_reference_and_history_overlay_and_curve():
     fig2 = evaluation.plot_history(history, others={"earlier": [{"epoch": 1, "val_accuracy": 0.2}]})
     labels = [line.get_label() for line in fig2.axes[1].get_lines()]
     assert "val, earlier" in labels
+    # the overlay's label names its line, never the panel (it once became the title and axis)
+    assert fig2.axes[1].get_title() == fig2.axes[1].get_ylabel() == "Accuracy"
     assert evaluation.history_curve(history) == [(2.0, 0.25), (5.0, 0.4)]
 
 
