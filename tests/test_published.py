@@ -37,7 +37,7 @@ profiles = pytest.mark.parametrize("profile", PROFILES or ["none"])
 
 # The CPU profile is published whole; a long profile (report) may be published in parts, and
 # then its summary.csv lists the notebooks it holds.
-COMPLETE = {"cpu"}
+COMPLETE = {"cpu", "report"}
 
 
 def published_names(profile):
