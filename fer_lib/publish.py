@@ -9,7 +9,7 @@
   becomes `runs/<profile>/...`, the data file its file name, the checkout `.`, the home folder
   `~`, installed packages `site-packages/...`, any other absolute path `.../<last part>`), no
   widget state, and no figure whose base64 text happens to spell a machine path such as
-  `/tmp/` (encoded again, same pixels);
+  'tmp' between slashes (encoded again, same pixels);
 - `summary.csv` (SUMMARY_COLUMNS, accuracies in percent) and `summary.md`: one row per
   notebook, read from the record each notebook's results cell displays under
   `fer_lib.results.RESULTS_MIMETYPE` (never typed) and from the run's `timings.csv`
@@ -50,9 +50,10 @@ WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 BINARY_MIMETYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp",
                               "application/pdf"})
 FIGURES = ("time_to_accuracy.png",)  # copied from the run folder; summary.png is drawn
-# Base64 text is not searched for paths, but a plain text search of the repository (grep for
-# '/tmp/') reads it like any other text, and 5 characters of a figure spell '/tmp/' by chance
-# about once in 10^9 positions: often enough over a series. Such a PNG is encoded again.
+# Base64 text is not searched for paths, but a plain text search of the repository for machine
+# paths reads it like any other text, and 5 characters of a figure spell 'tmp' between two
+# slashes by chance about once in 10^9 positions: often enough over a series. Such a PNG is
+# encoded again.
 PATH_LIKE_IN_BASE64 = re.compile(
     r"/(?:tmp|home|work|root|Users|mnt|scratch|private|var|opt|data|srv|media|content)/")
 
