@@ -168,18 +168,13 @@ def png_without_path_like_text(b64: str) -> str:
     raise PublishError("a figure reads as a machine path at every PNG compression level")
 
 
-def reencode_path_like_figures(nb: Any) -> int:
-    """Encode again, in place, every PNG output whose base64 text reads as a machine path;
-    returns how many were."""
-    changed = 0
+def reencode_path_like_figures(nb: Any) -> None:
+    """Encode again, in place, every PNG output whose base64 text reads as a machine path."""
     for cell in nb.get("cells", []):
         for output in cell.get("outputs", []) or []:
             data = output.get("data") or {}
-            payload = data.get("image/png")
-            if isinstance(payload, str) and PATH_LIKE_IN_BASE64.search(payload):
-                data["image/png"] = png_without_path_like_text(payload)
-                changed += 1
-    return changed
+            if isinstance(data.get("image/png"), str):
+                data["image/png"] = png_without_path_like_text(data["image/png"])
 
 
 def notebook_absolute_paths(nb: Any) -> list[str]:

@@ -74,9 +74,9 @@ def test_cpu_and_report_profiles_run_no_sweep_and_no_model_zoo():
 
     from fer_lib.series import notebook_path
 
-    for profile in ("cpu", "report"):
-        for name in NOTEBOOKS:
-            defaults = pm.inspect_notebook(str(notebook_path(name)))
+    for name in NOTEBOOKS:
+        defaults = pm.inspect_notebook(str(notebook_path(name)))
+        for profile in ("cpu", "report"):
             params = PROFILES[profile].get(name, {})
             if "sweep_count" in defaults:
                 assert params.get("sweep_count") == 0, f"{profile}/{name} runs its sweep"
