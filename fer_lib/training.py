@@ -42,7 +42,7 @@ from fer_lib.augment import build_augment, to_float
 from fer_lib.balance import class_weights, upsample_to_max
 from fer_lib.checkpoint import load_checkpoint, load_checkpoint_into, save_checkpoint, to_plain
 from fer_lib.data import CLASS_NAMES
-from fer_lib.device import DeviceSetup, EpochProgress, progress_mode, resolve_device
+from fer_lib.device import DeviceSetup, EpochProgress, keep_freed_cpu_memory, progress_mode, resolve_device
 from fer_lib.distill import check_soft_targets, distillation_loss, temper
 from fer_lib.inference import predict_logits
 
@@ -405,6 +405,8 @@ class Engine:
     def __init__(self, model: nn.Module, config: TrainConfig, setup: DeviceSetup, steps_per_epoch: int,
                  class_weight: Tensor | None = None, soft_targets: Tensor | None = None):
         self.config, self.setup = config, setup
+        if setup.device.type == "cpu":
+            keep_freed_cpu_memory()  # every step reuses its buffers instead of page-faulting them in
         self.model = model.to(setup.device, memory_format=setup.memory_format())
         self.forward_model = torch.compile(self.model) if setup.compile else self.model
         self.optimizer = make_optimizer(self.model, config, setup.device, setup.amp_dtype)

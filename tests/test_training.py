@@ -1,6 +1,7 @@
 """fer_lib.training / checkpoint / device: the engine on tiny models and generated data."""
 import math
 import os
+import platform
 
 import pytest
 import torch
@@ -65,6 +66,28 @@ def test_resolve_device_on_cpu():
         resolve_device("cpu", precision="fp16")
     with pytest.raises(ValueError, match="precision"):
         resolve_device("cpu", precision="int8")
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc on Linux only")
+def test_cpu_training_keeps_freed_memory_for_the_next_step():
+    # By default glibc unmaps a freed 64 MB block at once, so the next step page-faults it in
+    # again; once the CPU Engine is made, freed blocks stay in the process for reuse.
+    from fer_lib.device import keep_freed_cpu_memory
+    from fer_lib.training import Engine
+
+    keep_freed_cpu_memory.cache_clear()
+    Engine(TinyNet(), TrainConfig(progress=False), resolve_device("cpu", "fp32"), 4)
+    assert keep_freed_cpu_memory.cache_info().misses == 1 and keep_freed_cpu_memory()
+    block = torch.ones(16 * 2**20)  # 64 MB, touched
+    before = _resident_bytes()
+    del block
+    assert before - _resident_bytes() < 8 * 2**20
 
 
 @pytest.mark.parametrize("name, value", [("ATEN_CPU_CAPABILITY", "avx2"), ("ONEDNN_MAX_CPU_ISA", "AVX2"),
