@@ -138,7 +138,14 @@ def _summary(stdout):
 
 def _trials(url_or_path, name):
     storage = shared.open_storage(url_or_path, heartbeat_interval=None)
-    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    try:
+        return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    finally:
+        # an RDBStorage keeps a pooled database connection; left to the garbage collector it
+        # is deleted while still open (a ResourceWarning, sometimes after the server stopped)
+        engine = getattr(storage, "engine", None)
+        if engine is not None:
+            engine.dispose()
 
 
 def _wait_for_running(url, name, timeout=90):
