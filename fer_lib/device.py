@@ -17,6 +17,8 @@ the bench and evaluation agree. Measured with torch 2.14.1:
   eager speed. On a 2-core Xeon with avx512_bf16 + AMX (bf16 autocast, channels_last, batch
   128): 57 s to compile fernet_small's step, then 0.66x the eager speed (741 vs 1,130 img/s).
   Hence compile is honoured on CUDA only.
+- Freed memory kept in the process (keep_freed_cpu_memory, glibc): on a 2-core AMD EPYC
+  (Zen 3, AVX2 only) one fit epoch of fast_fp32 at 48x48 took 92 s instead of 102 s.
 - A CPU without bf16 can be timed on one with it: ATEN_CPU_CAPABILITY=avx2
   ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 limit torch's, oneDNN's and MKL's
   kernels to AVX2; "auto" then picks fp32, and machine_description names the limit. On the
@@ -217,9 +219,10 @@ def keep_freed_cpu_memory() -> bool:
     every batch (fernet_small at batch 128: 19-38 MB each). By default glibc serves blocks
     above its mmap threshold (at most 32 MB) with fresh mmaps and unmaps them when freed, and
     trims the heap's free top; so each step the kernel maps and zeroes those pages again, one
-    page fault per 4 KB. On a 2-core AMD EPYC VM (AVX2, fp32) allocating a new 38 MB tensor
-    took 20 ms against 5 ms with freed memory kept, and the bench's fernet_small training step
-    ran 11-27 % faster (docs/measurements.md). Here mmap is switched off (large blocks come
+    page fault per 4 KB. On a 2-core AMD EPYC VM (Zen 3, AVX2, fp32) a new 38 MB tensor took
+    20 ms against 5 ms with freed memory kept; fast_fp32's training step ran at 344 against
+    240 img/s (one process, the two settings alternating), and one fit epoch at 48x48 took
+    92 s against 102 s (docs/measurements.md). Here mmap is switched off (large blocks come
     from the heap too) and the heap is trimmed only above 2 GiB free, so the process keeps
     its peak memory until it exits.
 
