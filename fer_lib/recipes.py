@@ -150,10 +150,13 @@ RECIPES["fast_gpu"] = replace(
 # --epochs 5 gives 66.02 +- 0.24% PrivateTest in 282 s (fast_cpu: 66.45 +- 0.41% in 320 s);
 # 11 epochs 68.65 +- 0.64% in ~610 s. With bf16 at 12 epochs the downscaled early epochs
 # measured the same as the crops (PrivateTest 68.90 vs 68.96, two seeds; docs/ablations.md).
+# On a 2-core AMD EPYC (Zen 3) without AVX-512 or bf16, whose speed drifted by half: --epochs
+# 5 gave the same 65.76 +- 0.34% as the Zen 4 limited to AVX2, in 338-519 s; 11 epochs 68.01%
+# in 993 s (slow phase, one seed).
 RECIPES["fast_fp32"] = replace(
     RECIPES["fast_cpu"], name="fast_fp32",
     description="fast_cpu's recipe with the first half of the epochs on faces downscaled to 32x32, "
-                "11 epochs, fp32; for CPUs without bf16 (~10 min on 2 AVX2 cores)",
+                "11 epochs, fp32; for CPUs without bf16 (10-17 min on 2 AVX2 cores)",
     config=replace(RECIPES["fast_cpu"].config, epochs=11, precision="fp32", augment_early=[
         ["RandomHorizontalFlip", {"p": 0.5}],
         ["RandomResizedCrop", {"size": 32, "scale": [0.64, 1.0], "ratio": [1.0, 1.0]}]]))
