@@ -88,6 +88,10 @@ ABLATIONS: tuple[Ablation, ...] = (
     Ablation("mixup_0.2", "mixup, alpha 0.2", config={"mixup_alpha": 0.2}),
     Ablation("hist_eq", "histogram-equalise every face (train and test)", equalize=True),
     Ablation("whiten_stem", "patch-whitening stem conv, frozen (airbench)", prepare="whiten_stem"),
+    # with the stem conv frozen, a trained stem BN is all that makes backward run through the
+    # stem's full-size maps and compute stage 1's input gradient
+    Ablation("whiten_stem_frozen_bn", "whitened stem with its BN scale and bias fixed too (1 and 0): "
+             "no backward before stage 1", prepare="whiten_stem_frozen_bn"),
     Ablation("identity_init", "Dirac-initialised convs after the stem", prepare="identity_init"),
     Ablation("frozen_bn_scales", "BatchNorm scales fixed at 1, biases trained", prepare="frozen_bn_scales"),
     # cheaper steps on a CPU: GELU and max pooling take ~14% and ~22% of a fernet_small step

@@ -53,6 +53,29 @@ def test_whitened_stem_decorrelates_training_patches_and_is_frozen():
     assert all(p is not conv.weight for p in optimizer_params)
 
 
+def test_whitened_stem_with_frozen_bn_ends_backward_at_stage_one():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (32, 48, 48), dtype=torch.uint8)
+    model = prepare_model("whiten_stem_frozen_bn", create_model("fernet_small"), images)
+    stem_conv, stem_bn = model.stem[0], model.stem[1]
+    assert not any(p.requires_grad for p in model.stem.parameters())
+    assert all(p.requires_grad for p in model.stages.parameters())
+    x = torch.randn(8, 1, 48, 48)
+    stem_out = model.stem(x)
+    # nothing before stage 1 is in the graph, so autograd never computes stage 1's input gradient
+    assert not stem_out.requires_grad
+    # the BN still normalises each batch and tracks its statistics
+    before = stem_bn.running_mean.clone()
+    model(x).logsumexp(1).sum().backward()
+    assert not torch.equal(stem_bn.running_mean, before)
+    assert model.stages[0].layers[0].weight.grad is not None
+    assert stem_conv.weight.grad is None and stem_bn.weight.grad is None and stem_bn.bias.grad is None
+    torch.testing.assert_close(stem_bn.weight, torch.ones_like(stem_bn.weight))
+    # the plain whitened stem keeps its BN trained: the full backward
+    plain = prepare_model("whiten_stem", create_model("fernet_small"), images)
+    assert plain.stem(x).requires_grad and plain.stem[1].weight.requires_grad
+
+
 def test_identity_init_passes_the_input_through_and_keeps_the_stem_random():
     torch.manual_seed(0)
     model = create_model("fernet_small")

@@ -165,12 +165,16 @@ def fernet_large(num_classes: int = 7, in_chans: int = 1, *,
 
 @torch.no_grad()
 def whiten_stem_(model: FerNet, images_uint8: torch.Tensor, *, eps: float = 5e-4, sample: int = 5000,
-                 freeze: bool = True) -> FerNet:
+                 freeze: bool = True, freeze_bn: bool = False) -> FerNet:
     """Patch-whitening stem (airbench): the stem conv's filters become the whitening basis of
     3x3 training patches, each eigenvector scaled by 1/sqrt(eigenvalue + eps) and used with
     both signs (GELU keeps only one half of each). The top min(stem_width, 2*9) / 2 directions
     by variance are used; further filters keep their random weights. freeze: the stem conv
-    weight is not trained. images_uint8: training faces (N, 48, 48) or (N, 1, 48, 48).
+    weight is not trained. freeze_bn: the stem BN's scale and bias are not trained either
+    (they stay 1 and 0; it still normalises with batch statistics); with freeze, nothing
+    before stage 1 learns, so backward stops at stage 1's first conv: no gradient for its
+    input, no BN or GELU backward over the stem's full-size maps. images_uint8: training faces
+    (N, 48, 48) or (N, 1, 48, 48).
     """
     from fer_lib.augment import to_float
 
@@ -187,6 +191,9 @@ def whiten_stem_(model: FerNet, images_uint8: torch.Tensor, *, eps: float = 5e-4
     filters = torch.cat([basis, -basis]).reshape(2 * pairs, 1, 3, 3)
     conv.weight[:2 * pairs] = filters.to(conv.weight.dtype)
     conv.weight.requires_grad_(not freeze)
+    if freeze_bn:
+        for parameter in model.stem[1].parameters():
+            parameter.requires_grad_(False)
     return model
 
 
@@ -216,6 +223,9 @@ def freeze_bn_scales_(model: nn.Module) -> nn.Module:
 # recipes (Recipe.prepare) and ablations name them
 PREPARATIONS = {
     "whiten_stem": lambda model, images: whiten_stem_(model, images),
+    # fp32 steps of fernet_small 1.05-1.09x faster on 2 Zen 3 cores (interleaved timings), but
+    # fast_fp32 ended lower on PublicTest at 5 and 12 epochs, so no recipe uses it (docs/ablations.md)
+    "whiten_stem_frozen_bn": lambda model, images: whiten_stem_(model, images, freeze_bn=True),
     "identity_init": lambda model, images: identity_init_(model),
     "frozen_bn_scales": lambda model, images: freeze_bn_scales_(model),
 }
