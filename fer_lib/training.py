@@ -775,7 +775,7 @@ def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None
         run_dir: str | Path | None = None, resume: bool | str | Path | None = None,
         class_names: Sequence[str] | None = None,
         on_epoch_end: Callable[[dict[str, float], nn.Module], None] | None = None,
-        soft_targets: Any = None) -> FitResult:
+        soft_targets: Any = None, final_tta: bool = True) -> FitResult:
     """Train `model` on `train`, select the best epoch on `val` accuracy, return FitResult.
 
     model: an nn.Module (moved to the training device in place) or a registered model name.
@@ -794,6 +794,9 @@ def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None
         propagates.
     soft_targets: (N, C) probabilities per training image (fer_lib.distill.teacher_probs), used
         when config.distill_weight > 0.
+    final_tta: with config.tta set, evaluate the best model on `val` with that TTA into
+        final_metrics. Callers that evaluate the best model themselves (run_experiment, the
+        ablations) pass False: the pass would be done twice, and counted in their wall time.
     Returns FitResult with the model holding the best (EMA if enabled) weights.
     """
     config = config or TrainConfig()
@@ -882,7 +885,7 @@ def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None
     model.eval()
 
     final: dict[str, float] = {}
-    if data.val_images is not None and config.tta != "none":
+    if final_tta and data.val_images is not None and config.tta != "none":
         logits = predict_logits(model, data.val_images, tta=config.tta, batch_size=config.eval_batch_size,
                                 setup=setup)
         tta = _metrics(logits, data.val_labels)
