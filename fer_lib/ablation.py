@@ -150,7 +150,7 @@ def run_ablation(ablation: Ablation, data, *, recipe: str = "fast_cpu", epochs: 
     import torch
 
     from fer_lib.models import create_model
-    from fer_lib.models.fernet import prepare_model
+    from fer_lib.models.fernet import combine_preparations, prepare_model
     from fer_lib.training import fit
 
     base = get_recipe(recipe)
@@ -172,7 +172,7 @@ def run_ablation(ablation: Ablation, data, *, recipe: str = "fast_cpu", epochs: 
         model = create_model(base.model, num_classes=len(data.class_names),
                              **{**base.model_kwargs, **ablation.model_kwargs})
         # the recipe's own preparation first (base is the recipe unchanged), then the variant's
-        for name in dict.fromkeys(filter(None, (base.prepare, ablation.prepare))):
+        for name in combine_preparations(base.prepare, ablation.prepare):
             prepare_model(name, model, data.train.images)
         fitted = fit(model, data.train, data.val, config, class_names=data.class_names, final_tta=False)
         model, train_seconds, best_epoch = fitted.model, time.perf_counter() - start, fitted.best_epoch

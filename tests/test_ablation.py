@@ -352,6 +352,27 @@ def test_ablation_base_is_the_recipe_with_its_preparation_and_a_variant_adds_its
     assert not trained[("whiten_stem", 0)][0].stem[0].weight.requires_grad  # the variant's, frozen
 
 
+def test_a_variant_whose_preparation_includes_the_recipes_applies_only_its_own(data, monkeypatch):
+    from fer_lib.models import fernet
+
+    assert fernet.combine_preparations("whiten_stem", "whiten_stem_frozen_bn") == ["whiten_stem_frozen_bn"]
+    assert fernet.combine_preparations("whiten_stem", None) == ["whiten_stem"]
+    assert fernet.combine_preparations("whiten_stem", "whiten_stem") == ["whiten_stem"]
+    assert fernet.combine_preparations("frozen_bn_scales", "whiten_stem") == ["frozen_bn_scales", "whiten_stem"]
+    applied = []
+    def counted(name, prepare):
+        return lambda model, images: applied.append(name) or prepare(model, images)
+
+    for name, prepare in list(fernet.PREPARATIONS.items()):
+        monkeypatch.setitem(fernet.PREPARATIONS, name, counted(name, prepare))
+    fast = {"max_steps_per_epoch": 1, "precision": "fp32"}
+    trained = {}
+    run_ablation(get_ablation("whiten_stem_frozen_bn"), data, recipe="fast_cpu", epochs=1, trained=trained, **fast)
+    assert applied == ["whiten_stem_frozen_bn"]  # fast_cpu whitens its stem: once, not twice
+    model = trained[("whiten_stem_frozen_bn", 0)][0]
+    assert not any(p.requires_grad for p in model.stem.parameters())
+
+
 def test_fernet_activation_and_downsampling_options(data):
     relu_avg = create_model("fernet_small", act="relu", downsample="avg")
     kinds = {type(m).__name__ for m in relu_avg.modules()}

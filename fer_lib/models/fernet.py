@@ -231,6 +231,20 @@ PREPARATIONS = {
 }
 
 
+# a preparation that does another one and more: "whiten_stem_frozen_bn" whitens the stem as
+# "whiten_stem" does, then freezes its BN. Combined with the one it includes (a whitening
+# recipe's ablation variant), the included one is left out instead of whitening twice.
+INCLUDES = {"whiten_stem_frozen_bn": "whiten_stem"}
+
+
+def combine_preparations(*names: str | None) -> list[str]:
+    """The preparations to apply, in order, for several sources (a recipe's, then a variant's):
+    each once, None skipped, and none that another one in the list includes (INCLUDES)."""
+    wanted = list(dict.fromkeys(name for name in names if name))
+    included = {INCLUDES[name] for name in wanted if name in INCLUDES}
+    return [name for name in wanted if name not in included]
+
+
 def prepare_model(name: str, model: nn.Module, train_images) -> nn.Module:
     """Apply the named preparation (PREPARATIONS) to a new model; train_images: uint8 faces."""
     if name not in PREPARATIONS:
