@@ -257,13 +257,29 @@ def time_to_accuracy(points: list[dict[str, float]], threshold: float) -> tuple[
     return math.nan, math.nan
 
 
+def recipe_preparation(recipe: Recipe, prepare: str | None) -> str | None:
+    """The preparation a run of `recipe` applies: the recipe's (prepare None), none ("none"), or
+    the named one (checked against fer_lib.models.fernet.PREPARATIONS)."""
+    from fer_lib.models.fernet import PREPARATIONS
+
+    if prepare is None:
+        return recipe.prepare
+    if prepare == "none":
+        return None
+    if prepare not in PREPARATIONS:
+        raise ValueError(f"unknown model preparation {prepare!r}; known: none, {', '.join(PREPARATIONS)}")
+    return prepare
+
+
 def train_recipe(name: str, data, *, run_dir: str | Path, seed: int = 0,
                  wandb_mode: str | None = None, resume: bool = False,
                  on_epoch_end: Callable[[dict[str, float], Any], None] | None = None, soft_targets: Any = None,
-                 **overrides: Any):
+                 prepare: str | None = None, **overrides: Any):
     """Train one recipe once under the standard protocol; returns an ExperimentResult.
 
     overrides: TrainConfig fields to change for this run (e.g. epochs=2 for a smoke run).
+    prepare: a model preparation (fer_lib.models.fernet.PREPARATIONS) instead of the recipe's,
+    "none" for none; None keeps the recipe's.
     resume: continue from run_dir/last.pt when it exists.
     on_epoch_end: handed to fit (e.g. an EpochProbe).
     soft_targets: distillation targets for data.train (fer_lib.distill); set distill_weight too.
@@ -275,7 +291,7 @@ def train_recipe(name: str, data, *, run_dir: str | Path, seed: int = 0,
     return run_experiment(f"{name}-seed{seed}", data, recipe.model, config, run_dir=run_dir,
                           model_kwargs=recipe.model_kwargs, wandb_mode=wandb_mode,
                           extra={"recipe": name}, resume=resume, on_epoch_end=on_epoch_end,
-                          prepare=recipe.prepare, soft_targets=soft_targets)
+                          prepare=recipe_preparation(recipe, prepare), soft_targets=soft_targets)
 
 
 def _tta_columns(probe: EpochProbe) -> dict[str, float]:
@@ -298,7 +314,8 @@ class Reproduction:
 
 def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
               wandb_mode: str | None = None, budget_seconds: float | None = None, resume: bool = False,
-              teachers: list[str | Path] | None = None, **overrides: Any) -> Reproduction:
+              teachers: list[str | Path] | None = None, prepare: str | None = None,
+              **overrides: Any) -> Reproduction:
     """Train a recipe once per seed (run folders out_dir/seed<k>); return a Reproduction.
 
     The summary holds mean and std (ddof=1) of each column and, with two or more seeds, the
@@ -320,7 +337,8 @@ def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
     finished run folders whose best models' flip-TTA ensemble gives every seed its soft targets
     (fer_lib.distill; computed once and cached in out_dir/TEACHER_CACHE, its seconds in
     summary["teacher_seconds"], not in any seed's wall time); the recipe's distill_weight, or
-    an override, must be > 0.
+    an override, must be > 0. prepare: a model preparation instead of the recipe's (see
+    `train_recipe`); the summary's "overrides" name it when it differs.
     """
     import pandas as pd
 
@@ -328,6 +346,7 @@ def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
 
     recipe = get_recipe(name)
     config = recipe.config_for(**overrides)
+    preparation = recipe_preparation(recipe, prepare)  # checked before any seed trains
     soft_targets, teacher_seconds = None, 0.0
     if teachers:
         from fer_lib.distill import teacher_targets
@@ -359,7 +378,7 @@ def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
         try:
             result = train_recipe(name, data, run_dir=run_dir, seed=seed, wandb_mode=wandb_mode,
                                   resume=resuming,
-                                  on_epoch_end=probe, soft_targets=soft_targets, **overrides)
+                                  on_epoch_end=probe, soft_targets=soft_targets, prepare=prepare, **overrides)
         except BudgetExceeded as stop:
             reached = ", ".join(f"{t:g}% at {probe.time_to(t)[0]:.0f} s" for t in THRESHOLDS
                                 if not math.isnan(probe.time_to(t)[0]))
@@ -390,6 +409,8 @@ def reproduce(name: str, seeds: list[int], data, *, out_dir: str | Path,
                                "machine": machine_description(), "skipped": skipped, "curves": curves,
                                "overrides": {key: value for key, value in config.to_dict().items()
                                              if value != unchanged[key]}}
+    if preparation != recipe.prepare:
+        summary["overrides"]["prepare"] = preparation or "none"
     if teachers:
         summary["teachers"] = [str(teacher) for teacher in teachers]
         summary["teacher_seconds"] = teacher_seconds
@@ -520,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="settings",
                         help="change one TrainConfig field of the recipe (repeatable), e.g. --set "
                              "optimizer=muon --set muon_lr=0.03; VALUE is read as JSON, else as text")
+    parser.add_argument("--prepare", default=None, metavar="NAME",
+                        help="a model preparation instead of the recipe's (fer_lib.models.fernet.PREPARATIONS, "
+                             "e.g. whiten_stem), or none")
     parser.add_argument("--out", default="runs/reproduce")
     parser.add_argument("--wandb-mode", default=None, choices=["online", "offline", "disabled"])
     args = parser.parse_args(argv)
@@ -539,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) / f"{args.recipe}-{args.labels}"
     run = reproduce(args.recipe, args.seeds, data, out_dir=out, wandb_mode=args.wandb_mode,
                     budget_seconds=args.budget_seconds, resume=args.resume,
-                    teachers=args.teacher, **overrides)
+                    teachers=args.teacher, prepare=args.prepare, **overrides)
     table, summary = run.table, run.summary
     report = summary_markdown(table, summary, args.labels)
     print("\n" + report, end="")

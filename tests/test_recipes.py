@@ -345,3 +345,37 @@ def test_fast_fp32_is_fast_cpu_with_downscaled_early_epochs_in_fp32(fer2013_csv,
     results = json.loads((out / "fast_fp32-fer2013" / "seed0" / "results.json").read_text())
     assert results["config"]["augment_early_epochs"] == 1 and results["epochs_run"] == 2
     assert results["config"]["precision"] == "fp32" and "training on cpu fp32" in capsys.readouterr().out
+
+
+def test_a_run_can_replace_or_drop_the_recipes_model_preparation(monkeypatch, tmp_path):
+    import types
+
+    import fer_lib.experiment
+    from fer_lib import recipes
+    from fer_lib.data import CLASS_NAMES
+
+    seen = []
+    monkeypatch.setattr(fer_lib.experiment, "run_experiment",
+                        lambda *args, prepare=None, **kwargs: seen.append(prepare))
+    for prepare in (None, "none", "whiten_stem_frozen_bn"):
+        recipes.train_recipe("fast_cpu", None, run_dir=tmp_path, prepare=prepare)
+    assert seen == ["whiten_stem", None, "whiten_stem_frozen_bn"]
+    assert recipes.recipe_preparation(recipes.get_recipe("cpu_record"), "whiten_stem") == "whiten_stem"
+    with pytest.raises(ValueError, match="unknown model preparation 'whiten'; known: none, whiten_stem"):
+        recipes.recipe_preparation(recipes.get_recipe("cpu_record"), "whiten")
+
+    # reproduce hands it to every seed and names it among the summary's overrides
+    split = _tiny_split()
+    data = types.SimpleNamespace(train=split, val=split, test=split, class_names=CLASS_NAMES)
+    handed = []
+
+    def fake_train(name, data, *, run_dir, seed, prepare=None, on_epoch_end=None, **overrides):
+        handed.append(prepare)
+        on_epoch_end({"epoch": 1, "seconds": 100.0, "val_accuracy": 0.61}, _tiny_model())
+
+    monkeypatch.setattr(recipes, "train_recipe", fake_train)
+    run = recipes.reproduce("cpu_record", [0], data, out_dir=tmp_path, budget_seconds=50, prepare="whiten_stem")
+    assert handed == ["whiten_stem"] and run.summary["overrides"] == {"prepare": "whiten_stem"}
+    with pytest.raises(ValueError, match="unknown model preparation"):
+        recipes.reproduce("cpu_record", [0], data, out_dir=tmp_path, prepare="whiten")
+    assert handed == ["whiten_stem"]  # checked before any seed trained
