@@ -174,7 +174,7 @@ def run_ablation(ablation: Ablation, data, *, recipe: str = "fast_cpu", epochs: 
         # the recipe's own preparation first (base is the recipe unchanged), then the variant's
         for name in combine_preparations(base.prepare, ablation.prepare):
             prepare_model(name, model, data.train.images)
-        fitted = fit(model, data.train, data.val, config, class_names=data.class_names, final_tta=False)
+        fitted = fit(model, data.train, data.val, config, class_names=data.class_names)
         model, train_seconds, best_epoch = fitted.model, time.perf_counter() - start, fitted.best_epoch
         trained[(ablation.name, seed)] = (model, train_seconds, best_epoch)
         start = time.perf_counter()

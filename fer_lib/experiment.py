@@ -113,7 +113,7 @@ def run_experiment(name: str, data: FER2013, model_name: str, config: TrainConfi
             print(f"resuming from {run_dir.name}/last.pt", flush=True)
         fitted = fit(model, data.train, data.val, config, tracker=tracker, run_dir=run_dir,
                      class_names=data.class_names, resume=bool(resuming), on_epoch_end=on_epoch_end,
-                     soft_targets=soft_targets, final_tta=False)
+                     soft_targets=soft_targets)
         precision = config.final_eval_precision
         val_eval = evaluate(fitted.model, data.val, batch_size=config.eval_batch_size, tta=tta, precision=precision)
         # PrivateTest is looked at once, after the epoch was chosen on PublicTest.

@@ -189,7 +189,6 @@ class FitResult:
     model: nn.Module
     wall_seconds: float  # this call
     stopped_early: bool = False
-    final_metrics: dict[str, float] = field(default_factory=dict)
     setup: DeviceSetup | None = None
     resumed_seconds: float = 0.0  # wall seconds of the earlier calls a resume continued (not in wall_seconds)
 
@@ -775,7 +774,7 @@ def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None
         run_dir: str | Path | None = None, resume: bool | str | Path | None = None,
         class_names: Sequence[str] | None = None,
         on_epoch_end: Callable[[dict[str, float], nn.Module], None] | None = None,
-        soft_targets: Any = None, final_tta: bool = True) -> FitResult:
+        soft_targets: Any = None) -> FitResult:
     """Train `model` on `train`, select the best epoch on `val` accuracy, return FitResult.
 
     model: an nn.Module (moved to the training device in place) or a registered model name.
@@ -794,10 +793,9 @@ def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None
         propagates.
     soft_targets: (N, C) probabilities per training image (fer_lib.distill.teacher_probs), used
         when config.distill_weight > 0.
-    final_tta: with config.tta set, evaluate the best model on `val` with that TTA into
-        final_metrics. Callers that evaluate the best model themselves (run_experiment, the
-        ablations) pass False: the pass would be done twice, and counted in their wall time.
-    Returns FitResult with the model holding the best (EMA if enabled) weights.
+    Returns FitResult with the model holding the best (EMA if enabled) weights. fit selects
+    on `val` without TTA and evaluates nothing after training: config.tta is for the callers
+    that evaluate the kept model (run_experiment, the ablations, the notebooks), each once.
     """
     config = config or TrainConfig()
     wall_start = time.perf_counter()
@@ -884,23 +882,17 @@ def fit(model: nn.Module | str, train: Any, val: Any, config: TrainConfig | None
             model.load_state_dict(engine.ema.module.state_dict())
     model.eval()
 
-    final: dict[str, float] = {}
-    if final_tta and data.val_images is not None and config.tta != "none":
-        logits = predict_logits(model, data.val_images, tta=config.tta, batch_size=config.eval_batch_size,
-                                setup=setup)
-        tta = _metrics(logits, data.val_labels)
-        final = {f"val_loss_tta_{config.tta}": tta["loss"], f"val_accuracy_tta_{config.tta}": tta["accuracy"]}
     wall = time.perf_counter() - wall_start
     best_file = best_path if best_path is not None and best_path.exists() else None
     if tracker is not None:
         tracker.log_summary({"best_epoch": record.best_epoch, "best_val_accuracy": record.best_accuracy,
-                             "wall_seconds": wall, "stopped_early": stopped_early, **final})
+                             "wall_seconds": wall, "stopped_early": stopped_early})
         if best_file is not None:
             tracker.log_artifact(best_file, name=f"{meta['model_name'] or 'model'}-best", type="model")
     return FitResult(history=record.history, best_epoch=record.best_epoch, best_val_accuracy=record.best_accuracy,
                      best_checkpoint=best_file,
                      last_checkpoint=last_path if last_path is not None and last_path.exists() else None,
-                     model=model, wall_seconds=wall, stopped_early=stopped_early, final_metrics=final, setup=setup,
+                     model=model, wall_seconds=wall, stopped_early=stopped_early, setup=setup,
                      resumed_seconds=record.seconds_before)
 
 

@@ -16,7 +16,7 @@ def _split(n, seed=0):
 
 
 def test_fit_trains_on_cuda_with_autocast_channels_last_and_ema():
-    from fer_lib.training import TrainConfig, fit
+    from fer_lib.training import TrainConfig, evaluate, fit
 
     config = TrainConfig(epochs=2, batch_size=32, lr=0.05, optimizer="sgd", nesterov=True, scheduler="onecycle",
                          augment="fast", ema_decay=0.99, label_smoothing=0.1, tta="flip", progress=False,
@@ -26,7 +26,9 @@ def test_fit_trains_on_cuda_with_autocast_channels_last_and_ema():
     assert result.setup.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     assert all(math.isfinite(row["train_loss"]) and 0 <= row["val_accuracy"] <= 1 for row in result.history)
     assert next(result.model.parameters()).is_cuda
-    assert "val_accuracy_tta_flip" in result.final_metrics
+    # the kept model evaluates with flip TTA on the GPU, in the training precision
+    flip = evaluate(result.model, _split(64, seed=1), tta="flip", setup=result.setup)
+    assert flip["logits"].shape == (64, 7) and 0 <= flip["accuracy"] <= 1
 
 
 def test_cuda_and_cpu_logits_agree_in_fp32():
