@@ -279,6 +279,8 @@ def test_muon_step_is_the_per_parameter_rule_it_replaced():
 
 
 def test_muon_option_trains_the_convs_with_muon(data):
+    from dataclasses import replace
+
     config = TrainConfig(epochs=1, batch_size=32, lr=0.05, optimizer="muon", muon_lr=0.02, scheduler="onecycle",
                          progress=False, checkpoint_every_epoch=False, precision="fp32", max_steps_per_epoch=2)
     fitted = fit(create_model("fernet_small"), data.train, data.val, config)
@@ -288,6 +290,12 @@ def test_muon_option_trains_the_convs_with_muon(data):
     conv_group, rest_group = optimizer.param_groups
     assert conv_group["orthogonalize"] and all(p.ndim == 4 for p in conv_group["params"])
     assert conv_group["lr"] == 0.02 and rest_group["lr"] == 0.05 and not rest_group["orthogonalize"]
+    assert conv_group["weight_decay"] == rest_group["weight_decay"] == config.weight_decay
+    own = make_optimizer(create_model("fernet_small"), replace(config, weight_decay=5e-4, muon_weight_decay=0.01),
+                         torch.device("cpu"))
+    assert [g["weight_decay"] for g in own.param_groups] == [0.01, 5e-4]
+    with pytest.raises(ValueError, match="muon_weight_decay must be >= 0"):
+        TrainConfig(muon_weight_decay=-1.0)
 
 
 def test_muon_precision_auto_orthogonalises_in_bf16_only_under_bf16_autocast():
