@@ -3,12 +3,16 @@
 `resolve_device` is the one place these choices are made, so notebooks, the training loop,
 the bench and evaluation agree. Measured with torch 2.14.1:
 
-- 2-core CPU with avx512_bf16: bf16 autocast roughly doubles conv training speed (10M-param
+- 2-core Intel Xeon with avx512_bf16 and AMX: bf16 autocast roughly doubles conv training speed (10M-param
   VGG 87 -> 200 img/s) and channels_last helps (small CNN 850 -> 1,800 img/s at batch 64).
 - 2-core AMD EPYC (Zen 4) with avx512_bf16 but no AMX: bf16 autocast trains 1.3-1.6x
   faster than fp32 (bench, engine path: fernet_small 572 -> 751 img/s, exp3_cnn 812 -> 1,276;
   2048x2048 matmul 191 -> 406 GFLOP/s), less than with AMX but still a gain, so "auto" picks
-  bf16 on avx512_bf16 alone too.
+  bf16 on avx512_bf16 alone on that CPU.
+- 2-core Intel Xeon (family 6 model 207) whose hypervisor hides AMX, avx512_bf16 alone:
+  bf16 autocast trains 1.2-1.4x SLOWER than fp32 (bench, engine path: fernet_small 367 vs
+  490 img/s, fernet 114 vs 162; 2048x2048 matmul 82 vs 284 GFLOP/s), so "auto" keeps fp32
+  on Intel CPUs without AMX (cpu_bf16_is_faster).
 - 2-core AMD EPYC with AVX2 only (no avx512_bf16/AMX): bf16 autocast is emulated, exp3_cnn
   training step 8x SLOWER than fp32 (2.05 s vs 0.25 s per batch of 64, 1 thread, busy
   machine), so "auto" keeps fp32 there; channels_last + fused Adam still help (0.25 s vs
@@ -38,8 +42,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-__all__ = ["DeviceSetup", "resolve_device", "cpu_has_bf16", "cpu_bf16_units", "cpu_isa_limits", "machine_description",
-           "keep_freed_cpu_memory", "progress_mode", "EpochProgress"]
+__all__ = ["DeviceSetup", "resolve_device", "cpu_has_bf16", "cpu_bf16_is_faster", "cpu_bf16_units",
+           "cpu_isa_limits", "machine_description", "keep_freed_cpu_memory", "progress_mode", "EpochProgress"]
 
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -122,6 +126,31 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+@lru_cache(maxsize=1)
+def cpu_bf16_is_faster() -> bool:
+    """True when bf16 autocast trains faster than fp32 on this CPU: "auto" precision's test.
+
+    Native bf16 instructions (cpu_has_bf16) are not enough. Measured with the bench on 2-core
+    VMs, torch 2.14.1 (2048^3 matmul GFLOP/s bf16 / fp32; training img/s bf16 / fp32):
+    - Intel Xeon with AMX: 2,458 / 434; fernet_small ~2x faster in bf16.
+    - AMD EPYC (Zen 4), avx512_bf16 without AMX: 406 / 191; 1.3-1.6x faster in bf16.
+    - Intel Xeon (family 6 model 207) whose hypervisor hides AMX, avx512_bf16 alone: 82 / 284;
+      fernet_small 367 / 490, fernet 114 / 162, exp3_cnn 609 / 703: fp32 1.2-1.4x FASTER.
+    Intel cores run avx512_bf16's dot products no faster than fp32 FMAs, so bf16 only adds
+    conversions there; Zen 4 doubles its throughput with them. Hence bf16 needs AMX on an
+    Intel CPU and avx512_bf16 on others (an ONEDNN_MAX_CPU_ISA below AMX takes AMX away).
+    """
+    if not cpu_has_bf16():
+        return False
+    flags = _cpuinfo("flags")
+    if flags is None:  # no /proc: oneDNN said yes, and there is nothing finer to go on
+        return True
+    onednn_limit = cpu_isa_limits().get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if "amx_bf16" in flags.split() and (not onednn_limit or "AMX" in onednn_limit):
+        return True
+    return _cpuinfo("vendor_id") != "GenuineIntel"
+
+
 def machine_description() -> str:
     """One line naming the hardware a figure came from (GPU name, or CPU model and cores)."""
     import platform
@@ -168,8 +197,8 @@ def resolve_device(
     """Decide device, autocast dtype, channels_last and torch.compile in one place.
 
     device: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1" or a torch.device.
-    precision: "auto" (bf16 on CPUs with avx512_bf16/AMX and on CUDA GPUs with bf16, fp16 on
-        older GPUs, else fp32), "fp32", "bf16" or "fp16".
+    precision: "auto" (bf16 on CPUs where it trains faster than fp32, see cpu_bf16_is_faster,
+        and on CUDA GPUs with bf16, fp16 on older GPUs, else fp32), "fp32", "bf16" or "fp16".
     channels_last: "auto" (on for conv nets: `model` None or containing a Conv layer), bool.
     compile: torch.compile the model; honoured on CUDA only ("auto" = off: compiling costs
         minutes on a fresh machine and a C++ toolchain on CPU).
@@ -187,7 +216,7 @@ def resolve_device(
         if dev.type == "cuda":
             amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         elif dev.type == "cpu":
-            amp_dtype = torch.bfloat16 if cpu_has_bf16() else None
+            amp_dtype = torch.bfloat16 if cpu_bf16_is_faster() else None
         else:
             amp_dtype = None
     elif precision in _PRECISIONS:

@@ -9,7 +9,7 @@ from torch import nn
 
 from fer_lib import checkpoint as ckpt_mod
 from fer_lib.checkpoint import load_checkpoint, load_model, save_checkpoint
-from fer_lib.device import EpochProgress, cpu_has_bf16, progress_mode, resolve_device
+from fer_lib.device import EpochProgress, cpu_bf16_is_faster, cpu_has_bf16, progress_mode, resolve_device
 from fer_lib.inference import predict_logits
 from fer_lib.synthetic import make_images
 from fer_lib.training import (
@@ -58,7 +58,7 @@ def test_resolve_device_on_cpu():
     assert setup.device == torch.device("cpu") and setup.amp_dtype is None and setup.channels_last
     assert resolve_device("cpu", precision="bf16").amp_dtype == torch.bfloat16
     auto = resolve_device("cpu")
-    assert auto.amp_dtype == (torch.bfloat16 if cpu_has_bf16() else None)
+    assert auto.amp_dtype == (torch.bfloat16 if cpu_bf16_is_faster() else None)
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     assert not resolve_device("cpu", model=mlp).channels_last
     assert not resolve_device("cpu", channels_last=False).channels_last
@@ -101,6 +101,7 @@ def test_isa_limits_switch_bf16_off_and_are_named(monkeypatch, name, value):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv(name, value)
     cpu_has_bf16.cache_clear()
+    cpu_bf16_is_faster.cache_clear()
     try:
         assert cpu_isa_limits() == {name: value}
         assert not cpu_has_bf16()
@@ -109,6 +110,7 @@ def test_isa_limits_switch_bf16_off_and_are_named(monkeypatch, name, value):
             assert f"limited by {name}={value} to " in machine_description()
     finally:
         cpu_has_bf16.cache_clear()
+        cpu_bf16_is_faster.cache_clear()
 
 
 @pytest.mark.parametrize("flags, limit, expected", [
@@ -134,6 +136,36 @@ def test_machine_line_names_the_bf16_units(monkeypatch, flags, limit, expected):
             assert f", {expected}, torch " in device.machine_description()
     finally:
         cpu_has_bf16.cache_clear()
+
+
+@pytest.mark.parametrize("flags, vendor, limit, faster", [
+    ("avx2 avx512f avx512_bf16 amx_bf16 amx_tile", "GenuineIntel", None, True),   # Xeon with AMX
+    ("avx2 avx512f avx512_bf16", "AuthenticAMD", None, True),                     # EPYC (Zen 4)
+    ("avx2 avx512f avx512_bf16", "GenuineIntel", None, False),                    # Xeon, AMX hidden
+    ("avx2 avx512f avx512_bf16 amx_bf16", "GenuineIntel", "AVX512_CORE_BF16", False),  # AMX limited off
+    ("avx2 avx512f avx512_bf16 amx_bf16", "GenuineIntel", "AVX512_CORE_AMX", True),
+    ("avx2 fma", "AuthenticAMD", None, False),                                   # AVX2-only EPYC
+])
+def test_auto_precision_picks_bf16_only_where_it_trains_faster(monkeypatch, flags, vendor, limit, faster):
+    # an Intel CPU with avx512_bf16 but no AMX trained 1.2-1.4x faster in fp32 (bench), a Zen 4
+    # without AMX 1.3-1.6x faster in bf16: the flags alone do not decide
+    import fer_lib.device as device
+
+    for variable in device.ISA_LIMIT_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    if limit:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
+    info = {"flags": flags, "vendor_id": vendor}
+    monkeypatch.setattr(device, "_cpuinfo", lambda key: info.get(key, "Test CPU"))
+    cpu_has_bf16.cache_clear()
+    cpu_bf16_is_faster.cache_clear()
+    try:
+        assert cpu_bf16_is_faster() is faster
+        assert resolve_device("cpu").amp_dtype == (torch.bfloat16 if faster else None)
+        assert resolve_device("cpu", precision="bf16").amp_dtype == torch.bfloat16  # asked for: given
+    finally:
+        cpu_has_bf16.cache_clear()
+        cpu_bf16_is_faster.cache_clear()
 
 
 def test_train_config_round_trip_and_validation():
