@@ -23,7 +23,7 @@ re-measurements on a quiet machine).
 
 Fraction of peak (`--peak-models`, default exp3_cnn and the fast recipe's model): in the
 same process the bench times a large square matmul in the training precision (fp32, or the
-autocast dtype `resolve_device` picks: bf16 on CPUs with avx512_bf16/AMX and on recent GPUs)
+autocast dtype `resolve_device` picks: bf16 on CPUs where it trains faster, and on recent GPUs)
 as the machine's practical peak, then each model's training images/s (engine and bare
 paths). Achieved training FLOP/s = images/s x 3 x forward FLOPs of one 1x48x48 image
 (`torch.utils.flop_counter.FlopCounterMode`; backward ~ 2x forward). The fraction
