@@ -167,7 +167,8 @@ def machine_description() -> str:
 
 def cpu_bf16_units() -> str:
     """Which bf16 instructions the CPU's training uses: "bf16 via avx512_bf16 + AMX",
-    "bf16 via avx512_bf16", or "no bf16" (none, or switched off by cpu_isa_limits).
+    "bf16 via avx512_bf16", "bf16 via avx512_bf16 unused (fp32 faster)" (cpu_bf16_is_faster
+    says no: "auto" trains in fp32), or "no bf16" (none, or switched off by cpu_isa_limits).
 
     Two CPUs with the same kernel level ("AVX512 kernels") can differ here, e.g. a Xeon with
     AMX and an AMD EPYC (Zen 4) with avx512_bf16 alone, and their bf16 speeds differ with it
@@ -177,7 +178,8 @@ def cpu_bf16_units() -> str:
         return "no bf16"
     flags = set((_cpuinfo("flags") or "").split())
     units = [name for flag, name in _BF16_FLAGS.items() if flag in flags]
-    return "bf16 via " + (" + ".join(units) or "oneDNN")
+    unused = "" if cpu_bf16_is_faster() else " unused (fp32 faster)"
+    return "bf16 via " + (" + ".join(units) or "oneDNN") + unused
 
 
 def _has_conv(model: nn.Module | None) -> bool:

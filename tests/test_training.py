@@ -129,6 +129,7 @@ def test_machine_line_names_the_bf16_units(monkeypatch, flags, limit, expected):
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
     monkeypatch.setattr(device, "_cpuinfo", lambda key: flags if key == "flags" else "Test CPU")
     cpu_has_bf16.cache_clear()
+    cpu_bf16_is_faster.cache_clear()
     try:
         assert device.cpu_bf16_units() == expected
         if not torch.cuda.is_available():
@@ -136,6 +137,7 @@ def test_machine_line_names_the_bf16_units(monkeypatch, flags, limit, expected):
             assert f", {expected}, torch " in device.machine_description()
     finally:
         cpu_has_bf16.cache_clear()
+        cpu_bf16_is_faster.cache_clear()
 
 
 @pytest.mark.parametrize("flags, vendor, limit, faster", [
@@ -161,6 +163,7 @@ def test_auto_precision_picks_bf16_only_where_it_trains_faster(monkeypatch, flag
     cpu_bf16_is_faster.cache_clear()
     try:
         assert cpu_bf16_is_faster() is faster
+        assert device.cpu_bf16_units().endswith(" unused (fp32 faster)") is ("avx512_bf16" in flags and not faster)
         assert resolve_device("cpu").amp_dtype == (torch.bfloat16 if faster else None)
         assert resolve_device("cpu", precision="bf16").amp_dtype == torch.bfloat16  # asked for: given
     finally:
