@@ -90,9 +90,20 @@ def test_cpu_training_keeps_freed_memory_for_the_next_step():
     assert before - _resident_bytes() < 8 * 2**20
 
 
+@pytest.fixture
+def fresh_cpu_checks():
+    """cpu_has_bf16 and cpu_bf16_is_faster read the CPU once per process: a test that fakes
+    the CPU or limits its kernels needs them read again, before and after."""
+    cpu_has_bf16.cache_clear()
+    cpu_bf16_is_faster.cache_clear()
+    yield
+    cpu_has_bf16.cache_clear()
+    cpu_bf16_is_faster.cache_clear()
+
+
 @pytest.mark.parametrize("name, value", [("ATEN_CPU_CAPABILITY", "avx2"), ("ONEDNN_MAX_CPU_ISA", "AVX2"),
                                          ("ONEDNN_MAX_CPU_ISA", "avx512_core")])
-def test_isa_limits_switch_bf16_off_and_are_named(monkeypatch, name, value):
+def test_isa_limits_switch_bf16_off_and_are_named(monkeypatch, name, value, fresh_cpu_checks):
     # an AVX2-only machine timed on an AVX-512 one: "auto" must pick fp32 there, and every
     # figure's machine line must say the kernels were limited
     from fer_lib.device import ISA_LIMIT_VARIABLES, cpu_isa_limits, machine_description
@@ -100,17 +111,11 @@ def test_isa_limits_switch_bf16_off_and_are_named(monkeypatch, name, value):
     for variable in ISA_LIMIT_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv(name, value)
-    cpu_has_bf16.cache_clear()
-    cpu_bf16_is_faster.cache_clear()
-    try:
-        assert cpu_isa_limits() == {name: value}
-        assert not cpu_has_bf16()
-        assert resolve_device("cpu").amp_dtype is None
-        if not torch.cuda.is_available():
-            assert f"limited by {name}={value} to " in machine_description()
-    finally:
-        cpu_has_bf16.cache_clear()
-        cpu_bf16_is_faster.cache_clear()
+    assert cpu_isa_limits() == {name: value}
+    assert not cpu_has_bf16()
+    assert resolve_device("cpu").amp_dtype is None
+    if not torch.cuda.is_available():
+        assert f"limited by {name}={value} to " in machine_description()
 
 
 @pytest.mark.parametrize("flags, limit, expected", [
@@ -119,7 +124,7 @@ def test_isa_limits_switch_bf16_off_and_are_named(monkeypatch, name, value):
     ("avx2 fma", None, "no bf16"),                                                     # AVX2-only EPYC
     ("avx2 avx512f avx512_bf16 amx_bf16", "AVX2", "no bf16"),                           # limited to AVX2
 ])
-def test_machine_line_names_the_bf16_units(monkeypatch, flags, limit, expected):
+def test_machine_line_names_the_bf16_units(monkeypatch, flags, limit, expected, fresh_cpu_checks):
     # the same "AVX512 kernels" can be a Xeon with AMX or an EPYC without it: figures must say which
     import fer_lib.device as device
 
@@ -128,16 +133,10 @@ def test_machine_line_names_the_bf16_units(monkeypatch, flags, limit, expected):
     if limit:
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
     monkeypatch.setattr(device, "_cpuinfo", lambda key: flags if key == "flags" else "Test CPU")
-    cpu_has_bf16.cache_clear()
-    cpu_bf16_is_faster.cache_clear()
-    try:
-        assert device.cpu_bf16_units() == expected
-        if not torch.cuda.is_available():
-            assert device.machine_description().startswith("Test CPU CPU, ")
-            assert f", {expected}, torch " in device.machine_description()
-    finally:
-        cpu_has_bf16.cache_clear()
-        cpu_bf16_is_faster.cache_clear()
+    assert device.cpu_bf16_units() == expected
+    if not torch.cuda.is_available():
+        assert device.machine_description().startswith("Test CPU CPU, ")
+        assert f", {expected}, torch " in device.machine_description()
 
 
 @pytest.mark.parametrize("flags, vendor, limit, faster", [
@@ -148,7 +147,8 @@ def test_machine_line_names_the_bf16_units(monkeypatch, flags, limit, expected):
     ("avx2 avx512f avx512_bf16 amx_bf16", "GenuineIntel", "AVX512_CORE_AMX", True),
     ("avx2 fma", "AuthenticAMD", None, False),                                   # AVX2-only EPYC
 ])
-def test_auto_precision_picks_bf16_only_where_it_trains_faster(monkeypatch, flags, vendor, limit, faster):
+def test_auto_precision_picks_bf16_only_where_it_trains_faster(monkeypatch, flags, vendor, limit, faster,
+                                                            fresh_cpu_checks):
     # an Intel CPU with avx512_bf16 but no AMX trained 1.2-1.4x faster in fp32 (bench), a Zen 4
     # without AMX 1.3-1.6x faster in bf16: the flags alone do not decide
     import fer_lib.device as device
@@ -159,16 +159,10 @@ def test_auto_precision_picks_bf16_only_where_it_trains_faster(monkeypatch, flag
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
     info = {"flags": flags, "vendor_id": vendor}
     monkeypatch.setattr(device, "_cpuinfo", lambda key: info.get(key, "Test CPU"))
-    cpu_has_bf16.cache_clear()
-    cpu_bf16_is_faster.cache_clear()
-    try:
-        assert cpu_bf16_is_faster() is faster
-        assert device.cpu_bf16_units().endswith(" unused (fp32 faster)") is ("avx512_bf16" in flags and not faster)
-        assert resolve_device("cpu").amp_dtype == (torch.bfloat16 if faster else None)
-        assert resolve_device("cpu", precision="bf16").amp_dtype == torch.bfloat16  # asked for: given
-    finally:
-        cpu_has_bf16.cache_clear()
-        cpu_bf16_is_faster.cache_clear()
+    assert cpu_bf16_is_faster() is faster
+    assert device.cpu_bf16_units().endswith(" unused (fp32 faster)") is ("avx512_bf16" in flags and not faster)
+    assert resolve_device("cpu").amp_dtype == (torch.bfloat16 if faster else None)
+    assert resolve_device("cpu", precision="bf16").amp_dtype == torch.bfloat16  # asked for: given
 
 
 def test_train_config_round_trip_and_validation():
