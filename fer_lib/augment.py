@@ -92,6 +92,7 @@ __all__ = [
     "MEAN",
     "STD",
     "to_float",
+    "generator_device",
     "Augment",
     "Compose",
     "RandomHorizontalFlip",
@@ -130,14 +131,14 @@ def to_float(images_uint8: Tensor, mean: float = MEAN, std: float = STD) -> Tens
 # random draws
 
 
-def _generator_device(generator: torch.Generator | None) -> torch.device:
+def generator_device(generator: torch.Generator | None) -> torch.device:
     """Where `generator` draws (torch's default generator: the CPU)."""
     return generator.device if generator is not None else torch.device("cpu")
 
 
 def _rand(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
     """n uniform [0,1) numbers drawn on the generator's device, returned on `device`."""
-    return torch.rand(n, generator=generator, device=_generator_device(generator)).to(device)
+    return torch.rand(n, generator=generator, device=generator_device(generator)).to(device)
 
 
 def _uniform(n: int, low: float, high: float, generator, device) -> Tensor:
@@ -256,7 +257,7 @@ def _warp_chain(ops: Sequence[GeometricAugment], x: Tensor, generator) -> Tensor
             x = op.cheap_forward(x, generator)
         return x
     batch, _, height, width = x.shape
-    gen_device = _generator_device(generator)
+    gen_device = generator_device(generator)
     theta = None
     h, w = height, width
     for op in ops:
@@ -562,7 +563,7 @@ class RandomCrop(GeometricAugment):
 
     def cheap_forward(self, x, generator):
         batch, channels, height, width = x.shape
-        gen_device = _generator_device(generator)
+        gen_device = generator_device(generator)
         oy, ox = self._offsets(batch, height, width, generator, gen_device)
         padded = _pad(x, self.padding, self.torch_mode, self._norm(self.fill))
         pw = padded.shape[-1]
@@ -722,7 +723,7 @@ class RandomErasing(Augment):
         # the boxes are drawn and turned into per-sample row and column masks where the
         # generator lives (the CPU by default); one copy takes them to the batch's device,
         # where the mask and the fill are two operations (kernel launches on a GPU)
-        device = _generator_device(generator)
+        device = generator_device(generator)
         apply = _rand(batch, generator, device) < self.p
         area = _uniform(batch * k, *self.scale, generator, device).view(batch, k) * (height * width)
         log_ratio = _uniform(batch * k, math.log(self.ratio[0]), math.log(self.ratio[1]), generator, device)

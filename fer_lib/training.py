@@ -38,7 +38,7 @@ try:  # POSIX: run-folder locks
 except ImportError:  # Windows
     fcntl = None
 
-from fer_lib.augment import build_augment, to_float
+from fer_lib.augment import build_augment, generator_device, to_float
 from fer_lib.balance import class_weights, upsample_to_max
 from fer_lib.checkpoint import load_checkpoint, load_checkpoint_into, save_checkpoint, to_plain
 from fer_lib.data import CLASS_NAMES
@@ -566,7 +566,7 @@ class Engine:
 def _mixup_draw(alpha: float, batch: int, generator: torch.Generator | None,
                 device: torch.device) -> tuple[float, Tensor]:
     """mixup's lambda ~ Beta(alpha, alpha) and partner permutation, both from `generator`."""
-    gen_device = generator.device if generator is not None else torch.device("cpu")
+    gen_device = generator_device(generator)
     draw = int(torch.randint(2**31, (1,), generator=generator, device=gen_device))
     lam = float(np.random.default_rng(draw).beta(alpha, alpha))
     partner = torch.randperm(batch, generator=generator, device=gen_device).to(device)
