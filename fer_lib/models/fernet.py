@@ -32,7 +32,7 @@ def _conv(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 # FLOPs of the net. In fp32 with AVX2 kernels its epochs took 0.6x the time, but at equal
 # time (8 epochs against 5) it ended 1.4 PublicTest points lower, so no recipe uses it
 # (docs/ablations.md).
-ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "hardswish": nn.Hardswish}
 DOWNSAMPLES = ("max", "avg", "stride")
 
 
@@ -125,7 +125,7 @@ def fernet(num_classes: int = 7, in_chans: int = 1, *,
     pool ("avgmax" adds the mean); dropout; Linear(no bias) * logit_scale.
     Convs have no bias (BN follows). With 3 stages the map entering the pool is 6x6.
     kwargs: widths=(64,128,256), stem_width=None, convs_per_stage=2, pool="max"|"avgmax",
-    dropout_rate=0.0, logit_scale=1/9, act="gelu"|"relu", downsample="max"|"avg"|"stride" (how
+    dropout_rate=0.0, logit_scale=1/9, act="gelu"|"relu"|"hardswish", downsample="max"|"avg"|"stride" (how
     each stage halves the map: pooling after its first conv, or that conv at stride 2).
     """
     return _fernet(num_classes, in_chans, widths, stem_width, convs_per_stage, pool,
