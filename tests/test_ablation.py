@@ -389,9 +389,10 @@ def test_fernet_activation_and_downsampling_options(data):
     assert default.state_dict().keys() == relu_avg.state_dict().keys()  # same weights, other ops
     x = torch.rand(2, 1, 48, 48)
     assert relu_avg(x).shape == (2, 7)
-    hardswish = create_model("fernet_small", act="hardswish")
-    assert sum(isinstance(m, nn.Hardswish) for m in hardswish.modules()) == 7  # stem + 2 per stage
-    assert not any(isinstance(m, nn.GELU) for m in hardswish.modules())
+    for act, kind in (("silu", nn.SiLU), ("hardswish", nn.Hardswish)):
+        model = create_model("fernet_small", act=act)
+        assert sum(isinstance(m, kind) for m in model.modules()) == 7  # stem + 2 per stage
+        assert not any(isinstance(m, nn.GELU) for m in model.modules())
     for bad in ({"act": "swish"}, {"downsample": "blur"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             create_model("fernet_small", **bad)
