@@ -92,11 +92,14 @@ RECIPES: dict[str, Recipe] = {
     # for the conv weights (the short ablations' clear winner). Measured on a 2-core Xeon with
     # AMX (docs/speed.md): 72.16 +- 0.50% PrivateTest over 3 seeds, ensemble 73.56%, 46-70
     # min per seed (all-SGD, as before 2026-11-30: 70.94 +- 0.45%, ensemble 71.86%).
+    # On a Zen 4 EPYC (bf16 without AMX) 40 epochs take ~80 min; `--epochs 30 --set
+    # muon_precision=auto` took 55-57 min there: 71.38 +- 0.39% over 2 seeds, ensemble 72.00%.
     "cpu_record": Recipe(
         name="cpu_record",
         model="fernet",
         description="fernet 64-128-256, khaireddin-style augmentation, Muon (convs) + Nesterov SGD "
-                    "one-cycle, label smoothing 0.1, EMA, flip TTA, 40 epochs; ~1 h on 2 bf16 CPU cores",
+                    "one-cycle, label smoothing 0.1, EMA, flip TTA, 40 epochs; ~1 h on 2 CPU cores with AMX "
+                    "(30 epochs fit the hour on a Zen 4)",
         config=TrainConfig(epochs=40, batch_size=128, lr=0.05, optimizer="muon", muon_lr=0.03, momentum=0.9,
                            nesterov=True, weight_decay=5e-4, scheduler="onecycle", pct_start=0.2,
                            label_smoothing=0.1, augment="khaireddin", ema_decay=0.999, tta="flip"),
