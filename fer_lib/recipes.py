@@ -86,7 +86,7 @@ RECIPES: dict[str, Recipe] = {
         prepare="whiten_stem",
         early_fraction=0.5,
     ),
-    # The record recipe scaled to about an hour on 2 CPU cores with bf16 (avx512_bf16/AMX):
+    # The record recipe scaled to about an hour on 2 CPU cores with AMX (bf16):
     # the same schedule, augmentation, EMA and TTA as "record", on the middle fernet
     # (64-128-256, ~1.2M params, ~2.2x fewer FLOPs than fernet_large) for 40 epochs, with Muon
     # for the conv weights (the short ablations' clear winner). Measured on a 2-core Xeon with
