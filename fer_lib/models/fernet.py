@@ -25,9 +25,10 @@ def _conv(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 
 
 # Activations and ways to halve the map. GELU and 2x2 max pooling are the airbench choices;
-# on a 2-core CPU in bf16 a training step of fernet_small spends ~14% in GELU and ~22% in max
-# pooling (forward, backward and the backward's zero fill), so ReLU and average pooling are
-# offered as cheaper alternatives (docs/ablations.md measures what they cost in accuracy).
+# on a 2-core Xeon with AMX in bf16, fernet_small's whole step ran 1.13x faster with ReLU and
+# 1.11x with 2x2 average pooling (timed whole; torch.profiler put 14% of the step in GELU and
+# 22% in max pooling, and on a Zen 4 it misled), so both are offered as cheaper alternatives
+# (docs/ablations.md measures what they cost in accuracy).
 # GELU's erf runs in fp32 whatever the dtype, so on a CPU whose bf16 halves only the convs
 # (a Zen 4) it weighs more: ReLU made the step 1.1-1.25x faster there. SiLU and Hardswish are
 # cheaper smooth ones (0.58x and 0.28x GELU's cost); all three lost PublicTest at 5 epochs.
