@@ -95,7 +95,7 @@ ABLATIONS: tuple[Ablation, ...] = (
     Ablation("identity_init", "Dirac-initialised convs after the stem", prepare="identity_init"),
     Ablation("frozen_bn_scales", "BatchNorm scales fixed at 1, biases trained", prepare="frozen_bn_scales"),
     # cheaper steps on a CPU: ReLU made fernet_small's whole step 1.1-1.25x faster, average
-    # pooling 1.07-1.13x (Xeon with AMX and Zen 4; docs/ablations.md, docs/measurements.md)
+    # pooling about 1.1x (Xeon with AMX and Zen 4; docs/ablations.md, docs/measurements.md)
     Ablation("relu", "ReLU instead of GELU", model_kwargs={"act": "relu"}),
     Ablation("silu", "SiLU instead of GELU: a smooth activation without erf, ~0.6x GELU's cost on a CPU",
              model_kwargs={"act": "silu"}),
