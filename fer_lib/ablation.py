@@ -97,6 +97,8 @@ ABLATIONS: tuple[Ablation, ...] = (
     # cheaper steps on a CPU: ReLU made fernet_small's whole step 1.1-1.25x faster, average
     # pooling about 1.1x (Xeon with AMX and Zen 4; docs/ablations.md, docs/measurements.md)
     Ablation("relu", "ReLU instead of GELU", model_kwargs={"act": "relu"}),
+    Ablation("relu_stem", "ReLU in the stem only (its 48x48 map), GELU after it",
+             model_kwargs={"stem_act": "relu"}),
     Ablation("silu", "SiLU instead of GELU: a smooth activation without erf, ~0.6x GELU's cost on a CPU",
              model_kwargs={"act": "silu"}),
     Ablation("hardswish", "Hardswish instead of GELU: GELU's shape, ReLU's cost in bf16 on a CPU",

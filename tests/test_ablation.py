@@ -393,8 +393,15 @@ def test_fernet_activation_and_downsampling_options(data):
         model = create_model("fernet_small", act=act)
         assert sum(isinstance(m, kind) for m in model.modules()) == 7  # stem + 2 per stage
         assert not any(isinstance(m, nn.GELU) for m in model.modules())
-    for bad in ({"act": "swish"}, {"downsample": "blur"}):
-        with pytest.raises(ValueError, match=next(iter(bad))):
+    # stem_act: the stem's activation alone; the stages keep act
+    relu_stem = create_model("fernet_small", stem_act="relu")
+    assert isinstance(relu_stem.stem[2], nn.ReLU)
+    assert sum(isinstance(m, nn.GELU) for m in relu_stem.stages.modules()) == 6
+    assert not any(isinstance(m, nn.ReLU) for m in relu_stem.stages.modules())
+    assert relu_stem.state_dict().keys() == default.state_dict().keys()
+    assert isinstance(create_model("fernet_small", act="silu").stem[2], nn.SiLU)  # None follows act
+    for bad in ({"act": "swish"}, {"downsample": "blur"}, {"stem_act": "swish"}):
+        with pytest.raises(ValueError, match=next(iter(bad)).removeprefix("stem_")):
             create_model("fernet_small", **bad)
 
 

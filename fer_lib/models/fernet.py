@@ -32,6 +32,9 @@ def _conv(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 # GELU's erf runs in fp32 whatever the dtype, so on a CPU whose bf16 halves only the convs
 # (a Zen 4) it weighs more: ReLU made the step 1.1-1.25x faster there. SiLU and Hardswish are
 # cheaper smooth ones (0.58x and 0.28x GELU's cost); all three lost PublicTest at 5 epochs.
+# stem_act sets the stem's activation alone. Its map is the largest (48x48: about a third of
+# fernet_small's activation work), and behind a whitened stem, whose filters come in +- pairs,
+# ReLU keeps both halves of every filter's response, so GELU's smoothness may matter least there.
 # "stride" halves the map in the stage's first conv itself (stride 2, no pooling): half the
 # FLOPs of the net. In fp32 with AVX2 kernels its epochs took 0.6x the time, but at equal
 # time (8 epochs against 5) it ended 1.4 PublicTest points lower, so no recipe uses it
@@ -76,14 +79,15 @@ class FerNet(nn.Module):
 
     def __init__(self, in_chans: int, num_classes: int, widths: tuple[int, ...],
                  stem_width: int, convs_per_stage: int, pool: str, dropout_rate: float,
-                 logit_scale: float, act: str = "gelu", downsample: str = "max") -> None:
+                 logit_scale: float, act: str = "gelu", downsample: str = "max",
+                 stem_act: str | None = None) -> None:
         super().__init__()
         if pool not in ("max", "avgmax"):
             raise ValueError(f"fernet: pool must be 'max' or 'avgmax', got {pool!r}")
         if convs_per_stage < 1:
             raise ValueError(f"fernet: convs_per_stage must be >= 1, got {convs_per_stage}")
         self.stem = nn.Sequential(_conv(in_chans, stem_width), nn.BatchNorm2d(stem_width),
-                                  _activation(act))
+                                  _activation(stem_act or act))
         stages = []
         channels = stem_width
         for width in widths:
@@ -107,20 +111,21 @@ class FerNet(nn.Module):
 
 def _fernet(num_classes: int, in_chans: int, widths: tuple[int, ...], stem_width: int | None,
             convs_per_stage: int, pool: str, dropout_rate: float,
-            logit_scale: float, act: str, downsample: str) -> nn.Module:
+            logit_scale: float, act: str, downsample: str, stem_act: str | None) -> nn.Module:
     widths = tuple(widths)
     if len(widths) < 1:
         raise ValueError("fernet: widths needs at least one stage width")
     stem = stem_width if stem_width is not None else max(widths[0] // 2, 8)
     return FerNet(in_chans, num_classes, widths, stem, convs_per_stage, pool, dropout_rate,
-                  logit_scale, act, downsample)
+                  logit_scale, act, downsample, stem_act)
 
 
 @register_model("fernet", source=SOURCE)
 def fernet(num_classes: int = 7, in_chans: int = 1, *,
            widths: tuple[int, ...] = (64, 128, 256), stem_width: int | None = None,
            convs_per_stage: int = 2, pool: str = "max", dropout_rate: float = 0.0,
-           logit_scale: float = 1 / 9, act: str = "gelu", downsample: str = "max") -> nn.Module:
+           logit_scale: float = 1 / 9, act: str = "gelu", downsample: str = "max",
+           stem_act: str | None = None) -> nn.Module:
     """Our fast FER net: stem + 3 pooled stages 64-128-256, global max pool, linear (~1.2M).
 
     Not from a report: designed for time-to-accuracy on 48x48 (airbench-like layout).
@@ -130,37 +135,40 @@ def fernet(num_classes: int = 7, in_chans: int = 1, *,
     Convs have no bias (BN follows). With 3 stages the map entering the pool is 6x6.
     kwargs: widths=(64,128,256), stem_width=None, convs_per_stage=2, pool="max"|"avgmax",
     dropout_rate=0.0, logit_scale=1/9, act="gelu"|"relu"|"silu"|"hardswish", downsample="max"|"avg"|"stride" (how
-    each stage halves the map: pooling after its first conv, or that conv at stride 2).
+    each stage halves the map: pooling after its first conv, or that conv at stride 2),
+    stem_act=None (the stem's activation; None = act).
     """
     return _fernet(num_classes, in_chans, widths, stem_width, convs_per_stage, pool,
-                   dropout_rate, logit_scale, act, downsample)
+                   dropout_rate, logit_scale, act, downsample, stem_act)
 
 
 @register_model("fernet_small", source=SOURCE)
 def fernet_small(num_classes: int = 7, in_chans: int = 1, *,
                  widths: tuple[int, ...] = (32, 64, 128), stem_width: int | None = None,
                  convs_per_stage: int = 2, pool: str = "max", dropout_rate: float = 0.0,
-                 logit_scale: float = 1 / 9, act: str = "gelu", downsample: str = "max") -> nn.Module:
+                 logit_scale: float = 1 / 9, act: str = "gelu", downsample: str = "max",
+           stem_act: str | None = None) -> nn.Module:
     """fernet at half width (32-64-128, stem 16, ~0.3M): the fastest recipe, ~4x fewer FLOPs.
 
     Not from a report. Same layout and kwargs as `fernet`.
     """
     return _fernet(num_classes, in_chans, widths, stem_width, convs_per_stage, pool,
-                   dropout_rate, logit_scale, act, downsample)
+                   dropout_rate, logit_scale, act, downsample, stem_act)
 
 
 @register_model("fernet_large", source=SOURCE)
 def fernet_large(num_classes: int = 7, in_chans: int = 1, *,
                  widths: tuple[int, ...] = (96, 192, 384), stem_width: int | None = None,
                  convs_per_stage: int = 2, pool: str = "max", dropout_rate: float = 0.0,
-                 logit_scale: float = 1 / 9, act: str = "gelu", downsample: str = "max") -> nn.Module:
+                 logit_scale: float = 1 / 9, act: str = "gelu", downsample: str = "max",
+           stem_act: str | None = None) -> nn.Module:
     """fernet at 1.5x width (96-192-384, stem 48, ~2.6M): trades speed for accuracy.
 
     Not from a report. Same layout and kwargs as `fernet`; convs_per_stage=3 deepens it
     further instead of widening.
     """
     return _fernet(num_classes, in_chans, widths, stem_width, convs_per_stage, pool,
-                   dropout_rate, logit_scale, act, downsample)
+                   dropout_rate, logit_scale, act, downsample, stem_act)
 
 
 # --------------------------------------------------------------------------------------
