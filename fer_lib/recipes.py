@@ -93,7 +93,7 @@ RECIPES: dict[str, Recipe] = {
     # AMX (docs/speed.md): 72.16 +- 0.50% PrivateTest over 3 seeds, ensemble 73.56%, 46-70
     # min per seed (all-SGD, as before 2026-11-30: 70.94 +- 0.45%, ensemble 71.86%).
     # On a Zen 4 EPYC (bf16 without AMX) 40 epochs take ~80 min; `--epochs 30 --set
-    # muon_precision=auto` took 55-57 min there: 71.38 +- 0.39% over 2 seeds, ensemble 72.00%.
+    # muon_precision=auto` took 55-57 min there: 71.47 +- 0.31% over 3 seeds, ensemble 72.03%.
     "cpu_record": Recipe(
         name="cpu_record",
         model="fernet",
