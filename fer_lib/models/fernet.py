@@ -43,9 +43,9 @@ ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "hardswish": n
 DOWNSAMPLES = ("max", "avg", "stride")
 
 
-def _activation(name: str) -> nn.Module:
+def _activation(name: str, kwarg: str = "act") -> nn.Module:
     if name not in ACTIVATIONS:
-        raise ValueError(f"fernet: act must be one of {', '.join(ACTIVATIONS)}, got {name!r}")
+        raise ValueError(f"fernet: {kwarg} must be one of {', '.join(ACTIVATIONS)}, got {name!r}")
     return ACTIVATIONS[name]()
 
 
@@ -87,7 +87,7 @@ class FerNet(nn.Module):
         if convs_per_stage < 1:
             raise ValueError(f"fernet: convs_per_stage must be >= 1, got {convs_per_stage}")
         self.stem = nn.Sequential(_conv(in_chans, stem_width), nn.BatchNorm2d(stem_width),
-                                  _activation(stem_act or act))
+                                  _activation(act) if stem_act is None else _activation(stem_act, "stem_act"))
         stages = []
         channels = stem_width
         for width in widths:
@@ -147,7 +147,7 @@ def fernet_small(num_classes: int = 7, in_chans: int = 1, *,
                  widths: tuple[int, ...] = (32, 64, 128), stem_width: int | None = None,
                  convs_per_stage: int = 2, pool: str = "max", dropout_rate: float = 0.0,
                  logit_scale: float = 1 / 9, act: str = "gelu", downsample: str = "max",
-           stem_act: str | None = None) -> nn.Module:
+                 stem_act: str | None = None) -> nn.Module:
     """fernet at half width (32-64-128, stem 16, ~0.3M): the fastest recipe, ~4x fewer FLOPs.
 
     Not from a report. Same layout and kwargs as `fernet`.
@@ -161,7 +161,7 @@ def fernet_large(num_classes: int = 7, in_chans: int = 1, *,
                  widths: tuple[int, ...] = (96, 192, 384), stem_width: int | None = None,
                  convs_per_stage: int = 2, pool: str = "max", dropout_rate: float = 0.0,
                  logit_scale: float = 1 / 9, act: str = "gelu", downsample: str = "max",
-           stem_act: str | None = None) -> nn.Module:
+                 stem_act: str | None = None) -> nn.Module:
     """fernet at 1.5x width (96-192-384, stem 48, ~2.6M): trades speed for accuracy.
 
     Not from a report. Same layout and kwargs as `fernet`; convs_per_stage=3 deepens it
